@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run the DVC pipeline on the profile named in params.yaml, then say where the results are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=$(python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['profile'])")
+echo "== dvc repro (profile: $profile) =="
+dvc repro
+echo
+echo "== metrics =="
+dvc metrics show
+echo
+echo "Tables, figures and executed notebooks are under outputs/ (see README, 'Outputs')."
