@@ -17,15 +17,16 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['ConfigError', 'RuntimeConfig', 'PathsConfig', 'Profile', 'Config', 'from_dict', 'load_config', 'seed_everything',
-           'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress', 'atomic_write',
-           'atomic_write_text']
+__all__ = ['ConfigError', 'RuntimeConfig', 'PathsConfig', 'WorldConfig', 'ClipTrainConfig', 'EncodersConfig', 'DataConfig',
+           'TrainConfig', 'FusionerConfig', 'SegmentConfig', 'Profile', 'Config', 'from_dict', 'load_config',
+           'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress',
+           'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
     "A bad value or unknown key in a settings file; the message names the file and key."
 
-# %% ../nbs/01_core.ipynb #56992b5b
+# %% ../nbs/01_core.ipynb #4f4bf000
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when available
@@ -40,11 +41,166 @@ class PathsConfig:
     outputs: str = "outputs"    # everything the DVC stages write
     weights: str = "weights"    # local checkpoints of pretrained encoders (no hub needed)
 
+# %% ../nbs/01_core.ipynb #b86b0dc2
+@dataclass
+class WorldConfig:
+    "The embedded world (ovseg.embedded)."
+    image_size: int = 64            # square images, pixels
+    colours: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross", "ring"])
+    patterns: list[str] = field(default_factory=list)  # e.g. ["plain", "striped", "dotted"]; empty: no pattern word
+    backgrounds: list[str] = field(default_factory=lambda: ["plain", "striped", "checkered", "dotted", "noisy", "gradient"])
+    min_objects: int = 1            # objects per image (classes may repeat)
+    max_objects: int = 3
+    min_size: float = 0.14          # object radius as a fraction of the image side
+    max_size: float = 0.3
+    noise: float = 0.02             # std of per-pixel Gaussian noise
+    n_train: int = 3000             # images per split
+    n_val: int = 500
+    n_folds: int = 4                # base/novel folds over the class compositions
+    n_episodes: int = 1000          # evaluation episodes per fold (capped by what exists)
+    n_mosaics: int = 250            # Mosaic-4 mosaics (each gives four episodes)
+    ignore_border: int = 0          # width (px) of 255-ignore bands at label boundaries
+    chunk: int = 256                # images generated per vectorised chunk (part of the seed stream)
+    out_dir: str = "outputs/world"  # where the `world` stage writes the world
+
+@dataclass
+class ClipTrainConfig:
+    "Training the small embedded CLIP on the embedded world's captions (ovseg.cliptrain)."
+    width: int = 128                # vision transformer width
+    layers: int = 4                 # vision transformer depth
+    head_width: int = 32            # vision attention head width
+    patch_size: int = 8
+    pool_type: str = "avg"          # "avg": patch tokens share the pooled embedding's space (dense use)
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 32        # open_clip tokenizer context length
+    embed_dim: int = 128            # joint embedding dimension
+    steps: int = 600                # optimiser steps
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int = 50                # linear warm-up steps, then cosine decay
+    holdout_fold: int = -1          # >= 0: drop images with this fold's novel classes from training
+    eval_size: int = 500            # held-out (val) pairs used for retrieval metrics
+    out_dir: str = "outputs/embedded_clip"
+
+@dataclass
+class EncodersConfig:
+    "Which frozen encoders to use and where their weights are (ovseg.encoders, ovseg.cache)."
+    visual: str = "efficientnet-lite0"      # visual encoder spec (ovseg.encoders.list_encoders("visual"))
+    text: str = "minilm"                    # text encoder spec; same open_clip spec as visual = one CLIP load
+    clip: str = "embedded-clip"             # the CLIP (both towers) used by CLIP-based methods
+    templates: str = "fusioner"             # prompt template set: fusioner | imagenet80 | plain | photo
+    visual_stride: int = 32                 # EfficientNet-Lite taps: which stride (8/16/32) is `dense`
+    weights: dict[str, str] = field(default_factory=dict)  # spec -> local weights file/dir (no hub needed)
+    cache_dir: str = "outputs/feature_cache"  # on-disk dense feature cache (ovseg.cache)
+    use_cache: bool = True                  # reuse cached features of frozen encoders across epochs/runs
+    cache_batch_size: int = 16              # images per encoder call when building the cache
+    pca_encoders: list[str] = field(default_factory=lambda: ["efficientnet-lite0", "random-vit", "embedded-clip"])  # PCA figure
+
+@dataclass
+class DataConfig:
+    "Datasets, transforms and evaluation protocol (ovseg.data)."
+    crop_size: int = 512                 # training crop (RandomScaleCrop)
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factors
+    base_size: int | None = None      # short side the scale factors refer to (None: the image's own size)
+    flip: bool = True                    # random horizontal flip in training
+    jitter: bool = True                  # photometric jitter (image only) in training
+    test_short_side: int | None = None  # resize the short side before inference (None: as is)
+    slide_window: int | None = None   # sliding-window inference window (None: whole image)
+    slide_stride: int | None = None   # sliding-window stride (None: the window, no overlap)
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time scales
+    flip_tta: bool = False               # add horizontally flipped copies at test time
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # PASCAL-5i / COCO-20i folds to run
+    coco20i_episodes: int = 1000         # COCO-20i val: first N sorted (image, class) pairs per fold (Fusioner)
+    pascal5i_episodes: int | None = None  # PASCAL-5i val: None scores every episode (346-725)
+    mosaic4_count: int = 1000            # Mosaic-4 mosaics (4 episodes each)
+    mosaic4_size: int = 400              # Mosaic-4 side in pixels
+    mosaic4_seed: int = 0                # which FSS-1000 images form each mosaic
+
+@dataclass
+class TrainConfig:
+    "The shared training loop (ovseg.train)."
+    epochs: int = 1                 # passes over the training data
+    max_steps: int = 0              # >0: stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 8             # images per process per micro-step (the caller's loader uses it)
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 1e-3                # peak learning rate (AdamW)
+    min_lr: float = 0.0             # floor of the cosine learning-rate decay
+    beta1: float = 0.9              # AdamW betas
+    beta2: float = 0.999
+    warmup_steps: int = 0           # linear warm-up, optimizer steps ...
+    warmup_epochs: float = 0.0      # ... plus this many epochs of them (Fusioner: 10)
+    weight_decay: float = 0.01      # cosine weight-decay schedule start (Fusioner: 0.01 ...
+    weight_decay_end: float = 0.4   # ... -> 0.4)
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
+    shuffle: bool = True            # reshuffle the data every epoch (seeded)
+    seed: int = 0                   # data order, initialisation and dropout
+    log_every: int = 10             # optimizer steps between rows of the loss curve
+    eval_every: int = 0             # optimizer steps between eval_fn calls; 0: only at the end
+    ckpt_every: int = 0             # optimizer steps between checkpoints; 0: only at the end
+    device: Literal["auto", "cpu", "cuda"] = "auto"      # usually copied from runtime
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast on CUDA under auto
+    compile: bool = False           # torch.compile the loss computation (CUDA)
+
+@dataclass
+class FusionerConfig:
+    "The Fusioner head and its experiments (ovseg.fusioner)."
+    visual: str = "embedded-clip"   # visual encoder spec (ovseg.encoders); "random:<spec>" = random weights
+    text: str = "embedded-clip"     # text encoder spec; the same CLIP spec as visual -> both towers, one load
+    visual_stride: int = 0          # >0: ask the visual encoder for features at this stride (EfficientNet taps)
+    pretrained: str = ""            # pretrained tag / path for open_clip specs ("" = none or in-dir)
+    visual_dim: int = 0             # visual feature dim; 0 = from the encoder (filled in when built)
+    text_dim: int = 0               # text embedding dim; 0 = from the encoder
+    templates: str = "fusioner"     # prompt templates for class embeddings
+    dim: int = 512                  # fusion width d
+    depth: int = 12                 # transformer blocks L (0 = the no-fusion ablation)
+    heads: int = 8                  # attention heads
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1          # stochastic depth, linearly increasing over blocks
+    max_classes: int = 32           # learned per-slot class embeddings
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32])  # 4 stages
+    temperature: float = 0.07       # cosine / temperature
+    fusion: bool = True             # False: no-fusion ablation (projected features compared)
+    mode: Literal["binary", "multiclass"] = "binary"  # sigmoid BCE episodes | softmax over classes
+    crop: int = 480                 # training / sliding-window crop
+    stride: int = 320               # sliding-window stride at test
+    flip: bool = True               # flip test-time augmentation
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # repro runs over these seeds
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    episodes_per_fold: int = 1000   # test episodes per fold
+    train_images: int = 0           # 0: all; >0: subsample the training set (embedded runs)
+    pairs: list[str] = field(default_factory=list)  # encoder-pair ablation "visual|text" specs
+    depths: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 12])  # fusion-depth ablation
+
+@dataclass
+class SegmentConfig:
+    "The segment API, dense CLIP and CLI (ovseg.segment, ovseg.denseclip)."
+    model: str = "outputs/embedded_clip"   # checkpoint dir, open_clip name/dir, for the demo and CLI default
+    pretrained: str | None = None         # open_clip pretrained tag or local weights path
+    short_side: int = 448                 # images with a larger short side are downscaled to this first
+    window: int = 448                     # sliding-window size (pixels, at the working resolution)
+    stride: int = 224                     # sliding-window stride
+    background_threshold: float | None = None  # max class probability below this -> "background"
+    residual: bool = True                 # dense CLIP: keep the last block's residual (MaskCLIP's code)
+    mlp: bool = True                      # dense CLIP: keep the last block's MLP (MaskCLIP's code)
+    demo_images: list[str] = field(default_factory=lambda: ["chelsea", "astronaut", "coffee"])  # skimage.data
+    demo_classes: list[str] = field(default_factory=lambda: ["cat", "person", "cup", "table", "wall", "sky"])
+
 @dataclass
 class Profile:
-    "One block of `params.yaml`'s `profiles`; later modules add their own sections here."
+    "One block of `params.yaml`'s `profiles`."
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fusioner: FusionerConfig = field(default_factory=FusionerConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 @dataclass
 class Config:
@@ -54,7 +210,7 @@ class Config:
     params: Profile
     source: str = "params.yaml"
 
-# %% ../nbs/01_core.ipynb #2602fc69
+# %% ../nbs/01_core.ipynb #e591ccb8
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal: return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -121,7 +277,7 @@ def from_dict(cls, data: dict, key: str = "", source: str = "settings"):
     try: return cls(**kwargs)
     except TypeError as e: raise ConfigError(f"{source}: {key or cls.__name__}: {e}") from None
 
-# %% ../nbs/01_core.ipynb #1e593631
+# %% ../nbs/01_core.ipynb #bb64c916
 def load_config(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:
     "Read `path` and return the settings of `profile` (default: the file's `profile` key)."
     path = Path(path)
@@ -141,7 +297,7 @@ def load_config(path: str | os.PathLike = "params.yaml", profile: str | None = N
     params = from_dict(Profile, profiles[name], f"profiles.{name}", str(path))
     return Config(profile=name, seed=seed, params=params, source=str(path))
 
-# %% ../nbs/01_core.ipynb #e6645d4a
+# %% ../nbs/01_core.ipynb #c22c4a67
 def seed_everything(seed: int) -> torch.Generator:
     "Seed every RNG ovseg uses; returns a generator to pass to DataLoaders."
     random.seed(seed)
@@ -156,7 +312,7 @@ def seed_worker(worker_id: int):
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
 
-# %% ../nbs/01_core.ipynb #9af2283d
+# %% ../nbs/01_core.ipynb #d176452c
 def pick_device(preference: str = "auto") -> torch.device:
     "The device to run on: 'auto' takes CUDA when it is available."
     if preference == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,7 +340,7 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     device = pick_device(rt.device)
     return device, pick_dtype(device, rt.precision)
 
-# %% ../nbs/01_core.ipynb #e90035bc
+# %% ../nbs/01_core.ipynb #dff6157b
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, **kwargs):
     "A tqdm progress bar (notebook widget in Jupyter); `OVSEG_PROGRESS=0` disables bars."
     from tqdm.auto import tqdm
@@ -192,7 +348,7 @@ def progress(iterable: Iterable | None = None, desc: str = "", total: int | None
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
                 leave=kwargs.pop("leave", False), **kwargs)
 
-# %% ../nbs/01_core.ipynb #ca9945df
+# %% ../nbs/01_core.ipynb #80844d83
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     "Call `write(tmp_path)`, then rename the temporary file onto `path`."
     path = Path(path)

@@ -1,0 +1,79 @@
+import json, os, subprocess, sys
+import numpy as np
+import pytest, torch, open_clip
+from PIL import Image
+from safetensors.torch import save_file
+from ovseg.cli import main
+from ovseg.denseclip import TINY_CLIP_CFG
+
+torch.set_num_threads(1)
+
+@pytest.fixture(scope="module")
+def clipdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    save_file(open_clip.CLIP(**TINY_CLIP_CFG).state_dict(), str(d / "open_clip_model.safetensors"))
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    return d
+
+@pytest.fixture
+def imgs(tmp_path):
+    d = tmp_path / "imgs"; d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(d / "a.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(d / "b.jpg")
+    (d / "c.png").write_bytes(b"broken")
+    return d
+
+def test_single_file(clipdir, imgs, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["segment", str(imgs / "a.png"), "--classes", "cat, sofa, wall", "--model", str(clipdir),
+                 "--background-threshold", "0.5", "--out", str(out)]) == 0
+    a = json.loads((out / "a_areas.json").read_text())
+    assert a["classes"] == ["background", "cat", "sofa", "wall"] and a["size"] == [30, 40]
+    assert abs(sum(v["pixels"] for v in a["areas"].values()) - 1200) == 0
+    lab = Image.open(out / "a_label.png"); assert lab.mode == "P" and lab.size == (40, 30)
+    assert Image.open(out / "a_overlay.png").size[0] > 40
+
+def test_batch_skips_bad(clipdir, imgs, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["segment", str(imgs), "--classes", "cat, sofa", "--model", str(clipdir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "c.png" in err and "Traceback" not in err
+    assert {p.name for p in out.iterdir()} == {f"{s}_{k}" for s in "ab" for k in ("label.png", "overlay.png", "areas.json")}
+
+def test_single_bad_file_is_error(clipdir, imgs, tmp_path, capsys):
+    assert main(["segment", str(imgs / "c.png"), "--classes", "cat", "--model", str(clipdir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ovseg: error: cannot read image") and "Traceback" not in err
+
+def test_class_list_messages(clipdir, imgs, tmp_path, capsys):
+    assert main(["segment", str(imgs / "a.png"), "--classes", "", "--model", str(clipdir), "--out", str(tmp_path)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["segment", str(imgs / "a.png"), "--classes", "cat, ,dog", "--model", str(clipdir), "--out", str(tmp_path)]) == 2
+    assert "blank" in capsys.readouterr().err
+    assert main(["segment", str(imgs / "a.png"), "--classes", "cat, Cat", "--model", str(clipdir), "--out", str(tmp_path)]) == 0
+    assert "duplicate" in capsys.readouterr().err
+
+def test_unknown_model(imgs, tmp_path, capsys):
+    assert main(["segment", str(imgs / "a.png"), "--classes", "cat", "--model", "ViT-B-61", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ViT-B-16" in err and "Available" in err
+
+def test_eval(clipdir, imgs, tmp_path, capsys):
+    labs = tmp_path / "labs"; labs.mkdir()
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(labs / "a.png")
+    assert main(["eval", str(imgs), str(labs), "--classes", "cat, sofa", "--model", str(clipdir),
+                 "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["images"] == 1 and 0 <= m["mIoU"] <= 100
+
+def test_train_wrapper_message(capsys):
+    rc = main(["train", "--out", "x"])
+    assert rc in (0, 2)
+
+def test_console_script_help():
+    exe = os.path.join(os.path.dirname(sys.executable), "ovseg")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from ovseg.cli import main; sys.exit(main())"]
+    r = subprocess.run(cmd + ["segment", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--classes" in r.stdout and "--background-threshold" in r.stdout

@@ -1,0 +1,72 @@
+import json
+import pytest
+import torch
+from ovseg.core import ClipTrainConfig, WorldConfig
+from ovseg.embedded import World
+from ovseg.cliptrain import (clip_model_cfg, create_clip_model, clip_tokenizer, normalize, save_clip,
+                             load_clip, train_clip, evaluate_clip, contrastive_loss, dense_embeddings)
+
+torch.set_num_threads(1)
+TINY = ClipTrainConfig(width=64, layers=2, head_width=32, text_width=64, text_layers=1, text_heads=2,
+                       embed_dim=64, context_length=24, batch_size=32, steps=25, warmup=5, lr=2e-3)
+
+@pytest.fixture(scope="module")
+def world():
+    return World(WorldConfig(n_train=256, n_val=64, chunk=64), seed=0)
+
+def test_save_load_round_trip_identical_embeddings(tmp_path):
+    torch.manual_seed(0)
+    cfg = clip_model_cfg(TINY)
+    m = create_clip_model(cfg).eval()
+    save_clip(m, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "open_clip_config.json").read_text())
+    assert meta["model_cfg"] == cfg and meta["preprocess_cfg"]["size"] == 64 and "mean" in meta["preprocess_cfg"]
+    assert (tmp_path / "c" / "open_clip_model.safetensors").exists()
+    m2, tok2 = load_clip(tmp_path / "c")
+    tok = clip_tokenizer(cfg)
+    x = torch.rand(4, 3, 64, 64)
+    caps = ["a red circle", "two blue squares on a striped background", "a green ring", "an orange cross"]
+    assert torch.equal(tok(caps), tok2(caps))
+    with torch.no_grad():
+        assert torch.equal(m.encode_image(normalize(m, x)), m2.encode_image(normalize(m2, x)))
+        assert torch.equal(m.encode_text(tok(caps)), m2.encode_text(tok2(caps)))
+        assert torch.equal(dense_embeddings(m, x), dense_embeddings(m2, x))
+    assert dense_embeddings(m, x).shape == (4, 64, 8, 8)
+
+def test_round_trip_through_plain_open_clip(tmp_path):
+    import open_clip
+    m = create_clip_model(clip_model_cfg(TINY)).eval()
+    save_clip(m, tmp_path)
+    m2 = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    sd1, sd2 = m.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+def test_missing_dir_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro embedded_clip"):
+        load_clip(tmp_path / "none")
+
+def test_contrastive_loss_perfect_pairs_lower():
+    e = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    assert contrastive_loss(e, e, torch.tensor(20.0)) < contrastive_loss(e, e.roll(1, 0), torch.tensor(20.0))
+
+def test_short_training_lowers_loss_and_saves(tmp_path, world):
+    m, tok, hist = train_clip(world, TINY, seed=0, out_dir=tmp_path, log_every=5)
+    assert hist["loss"][-1] < hist["loss"][0] - 0.2
+    m2, tok2 = load_clip(tmp_path)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(): assert torch.equal(m.encode_image(normalize(m, x)), m2.encode_image(normalize(m2, x)))
+    met = evaluate_clip(m2, tok2, world, n=64)
+    for k in ("i2t_top1", "i2t_top5", "t2i_top1", "t2i_top5", "zs_top1", "dense_patch_acc"):
+        assert 0 <= met[k] <= 1
+    assert met["i2t_top1"] <= met["i2t_top5"]
+
+def test_training_is_deterministic(world):
+    cfg = ClipTrainConfig(**{**TINY.__dict__, "steps": 4})
+    _, _, h1 = train_clip(world, cfg, seed=1, log_every=2)
+    _, _, h2 = train_clip(world, cfg, seed=1, log_every=2)
+    assert h1["loss"] == h2["loss"]
+
+def test_holdout_fold_excludes_novel_images(world):
+    from ovseg.cliptrain import _train_arrays
+    d = _train_arrays(world, "train", world.novel_classes(0))
+    assert not set(d["classes"].ravel().tolist()) & set(world.novel_classes(0))
