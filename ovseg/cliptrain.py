@@ -80,13 +80,19 @@ def load_clip(out_dir: str | os.PathLike):
     model.ovseg_model_cfg = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]
     return model.eval(), open_clip.get_tokenizer(f"local-dir:{d}")
 
-# %% ../nbs/06_cliptrain.ipynb #0a98d48f
+# %% ../nbs/06_cliptrain.ipynb #42e90b40
 def _train_arrays(world: World, split: str, exclude=()) -> dict:
     ds = WorldCaptions(world, split, exclude=exclude)
     arrs, _ = world.split(split).arrays()
     idx = ds.index
     return dict(images=torch.from_numpy(arrs["images"][idx]).permute(0, 3, 1, 2).contiguous(),
                 classes=arrs["instance_classes"][idx], backgrounds=arrs["backgrounds"][idx])
+
+def _grouped_batch(rng, by_colour: list[np.ndarray], bs: int, group: int) -> np.ndarray:
+    "Indices of a batch made of groups of `group` images whose first object shares a colour."
+    pools = [p for p in by_colour if len(p) >= group]
+    ks = rng.integers(len(pools), size=-(-bs // group))
+    return np.concatenate([rng.choice(pools[k], group, replace=False) for k in ks])[:bs]
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     "Symmetric InfoNCE of L2-normalised image and text embeddings (CLIP's loss)."
@@ -116,11 +122,15 @@ def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | 
     rng = np.random.default_rng([seed, 6])
     bs = min(ccfg.batch_size, n)
     hist = {"step": [], "loss": [], "seconds": []}
+    colour = np.array([world.attributes[int(c[c >= 0][0])][0] for c in data["classes"]])
+    by_colour = [np.nonzero(colour == k)[0] for k in range(len(world.cfg.colours))]
     t0, perm, pos, run = time.perf_counter(), torch.randperm(n, generator=g), 0, []
     bar = progress(range(steps), desc="embedded CLIP")
     for step in bar:
-        if pos + bs > n: perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos:pos + bs]; pos += bs
+        if ccfg.group_size > 1: idx = torch.from_numpy(_grouped_batch(rng, by_colour, bs, ccfg.group_size))
+        else:
+            if pos + bs > n: perm, pos = torch.randperm(n, generator=g), 0
+            idx = perm[pos:pos + bs]; pos += bs
         x = data["images"][idx].float().div_(255)
         flip = torch.from_numpy(rng.random((2, bs)) < 0.5)
         x = torch.where(flip[0].view(-1, 1, 1, 1), x.flip(3), x)

@@ -41,7 +41,7 @@ class PathsConfig:
     outputs: str = "outputs"    # everything the DVC stages write
     weights: str = "weights"    # local checkpoints of pretrained encoders (no hub needed)
 
-# %% ../nbs/01_core.ipynb #b86b0dc2
+# %% ../nbs/01_core.ipynb #5cf711a5
 @dataclass
 class WorldConfig:
     "The embedded world (ovseg.embedded)."
@@ -67,21 +67,22 @@ class WorldConfig:
 @dataclass
 class ClipTrainConfig:
     "Training the small embedded CLIP on the embedded world's captions (ovseg.cliptrain)."
-    width: int = 128                # vision transformer width
+    width: int = 96                 # vision transformer width
     layers: int = 4                 # vision transformer depth
     head_width: int = 32            # vision attention head width
     patch_size: int = 8
     pool_type: str = "avg"          # "avg": patch tokens share the pooled embedding's space (dense use)
-    text_width: int = 128
-    text_layers: int = 3
+    text_width: int = 96
+    text_layers: int = 2
     text_heads: int = 4
-    context_length: int = 32        # open_clip tokenizer context length
-    embed_dim: int = 128            # joint embedding dimension
-    steps: int = 600                # optimiser steps
-    batch_size: int = 128
+    context_length: int = 24        # open_clip tokenizer context length (captions have <= 22 tokens)
+    embed_dim: int = 96             # joint embedding dimension
+    steps: int = 300                # optimiser steps
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.1
-    warmup: int = 50                # linear warm-up steps, then cosine decay
+    warmup: int = 30                # linear warm-up steps, then cosine decay
+    group_size: int = 1             # > 1: batches of groups sharing an object colour (hard negatives for shape)
     holdout_fold: int = -1          # >= 0: drop images with this fold's novel classes from training
     eval_size: int = 500            # held-out (val) pairs used for retrieval metrics
     out_dir: str = "outputs/embedded_clip"
@@ -174,6 +175,8 @@ class FusionerConfig:
     train_images: int = 0           # 0: all; >0: subsample the training set (embedded runs)
     pairs: list[str] = field(default_factory=list)  # encoder-pair ablation "visual|text" specs
     depths: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 12])  # fusion-depth ablation
+    ablation_folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # folds of the ablation tables
+    n_mosaics: int = 250            # Mosaic-4 mosaics per fold (each gives four episodes)
 
 @dataclass
 class SegmentConfig:
@@ -340,15 +343,15 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     device = pick_device(rt.device)
     return device, pick_dtype(device, rt.precision)
 
-# %% ../nbs/01_core.ipynb #dff6157b
+# %% ../nbs/01_core.ipynb #967a4122
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, **kwargs):
     "A tqdm progress bar (notebook widget in Jupyter); `OVSEG_PROGRESS=0` disables bars."
     from tqdm.auto import tqdm
-    disable = os.environ.get("OVSEG_PROGRESS", "1") == "0" or kwargs.pop("disable", False)
+    disable = kwargs.pop("disable", False) or os.environ.get("OVSEG_PROGRESS", "1") == "0"
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
                 leave=kwargs.pop("leave", False), **kwargs)
 
-# %% ../nbs/01_core.ipynb #80844d83
+# %% ../nbs/01_core.ipynb #e16ffa96
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     "Call `write(tmp_path)`, then rename the temporary file onto `path`."
     path = Path(path)
@@ -357,6 +360,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates the file 0600; give it the permissions a plain open() would
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)

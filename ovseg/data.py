@@ -22,12 +22,12 @@ from PIL import Image
 # %% auto #0
 __all__ = ['VOC_RAW', 'COCO_THING_IDS', 'COCO_THINGS', 'COCO_STUFF', 'COCO_STUFF_IDS', 'COCO_STUFF_UNSEEN', 'VOC_UNSEEN',
            'ADE150', 'PC59', 'DATASETS', 'PREPARE', 'collate', 'Compose', 'Resize', 'RandomScaleCrop', 'RandomHFlip',
-           'PhotometricJitter', 'train_transform', 'sliding_window', 'tta_predict', 'DatasetNotFoundError',
-           'LabelValueError', 'CorruptFileError', 'load_image', 'load_mask', 'clean_name', 'register_dataset',
-           'SegDataset', 'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject', 'ADE20K150', 'ADE847',
-           'PascalContext59', 'PascalContext459', 'splits_dir', 'pascal5i_fold_classes', 'coco20i_fold_classes',
-           'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i', 'FSS1000', 'Mosaic4', 'list_datasets',
-           'create_dataset', 'Archive', 'prepare_instructions', 'prepare_dataset']
+           'PhotometricJitter', 'train_transform', 'window_starts', 'sliding_window', 'tta_predict',
+           'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_image', 'load_mask', 'clean_name',
+           'register_dataset', 'SegDataset', 'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject', 'ADE20K150',
+           'ADE847', 'PascalContext59', 'PascalContext459', 'splits_dir', 'pascal5i_fold_classes',
+           'coco20i_fold_classes', 'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i', 'FSS1000', 'Mosaic4',
+           'list_datasets', 'create_dataset', 'Archive', 'prepare_instructions', 'prepare_dataset']
 
 # %% ../nbs/04_data.ipynb #3156923c
 def collate(batch: Sequence[dict]) -> dict:
@@ -139,8 +139,13 @@ def train_transform(crop_size: int = 512, scale_range=(0.5, 2.0), base_size: int
     return Compose(RandomScaleCrop(crop_size, scale_range, base_size, ignore_index),
                    RandomHFlip() if flip else None, PhotometricJitter() if jitter else None)
 
-# %% ../nbs/04_data.ipynb #ab99af5f
+# %% ../nbs/04_data.ipynb #3ea8583f
 def _pair(x): return (x, x) if isinstance(x, int) else tuple(x)
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    "Window start offsets along one axis: every `stride`, the last window flush with the border ([0] if it fits)."
+    n = max(length - window + stride - 1, 0) // stride + 1
+    return [max(min(i * stride, length - window), 0) for i in range(n)]
 
 @torch.no_grad()
 def sliding_window(predict_fn: Callable, image: torch.Tensor, window: int | tuple[int, int],
@@ -150,19 +155,16 @@ def sliding_window(predict_fn: Callable, image: torch.Tensor, window: int | tupl
     x = image[None] if single else image
     B, _, H, W = x.shape
     (wh, ww), (sh, sw) = _pair(window), _pair(stride)
-    ny = max(H - wh + sh - 1, 0) // sh + 1
-    nx = max(W - ww + sw - 1, 0) // sw + 1
     out = x.new_zeros(B, num_classes, H, W, dtype=torch.float32)
     count = x.new_zeros(1, 1, H, W, dtype=torch.float32)
-    for iy in range(ny):
-        for ix in range(nx):
-            y2, x2 = min(iy * sh + wh, H), min(ix * sw + ww, W)
-            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
+    for y1 in window_starts(H, wh, sh):
+        for x1 in window_starts(W, ww, sw):
+            y2, x2 = min(y1 + wh, H), min(x1 + ww, W)
             logits = predict_fn(x[:, :, y1:y2, x1:x2])
             if logits.shape[-2:] != (y2 - y1, x2 - x1) or logits.shape[1] != num_classes:
                 raise ValueError(f"predict_fn returned {tuple(logits.shape)} for a {y2 - y1}x{x2 - x1} window "
                                  f"with {num_classes} classes; it must return (B,{num_classes},h,w) at the window's size")
-            out[:, :, y1:y2, x1:x2] += logits.float()
+            out[:, :, y1:y2, x1:x2] += logits.float().to(out.device)
             count[:, :, y1:y2, x1:x2] += 1
     out /= count
     return out[0] if single else out

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 # %% auto #0
-__all__ = ['SegmentError', 'load_image', 'pil_to_tensor', 'parse_classes', 'available_models', 'load_model', 'window_starts',
-           'working_size', 'sliding_logits', 'SegmentResult', 'segment', 'palette', 'label_png', 'overlay',
-           'save_result']
+__all__ = ['SegmentError', 'load_image', 'pil_to_tensor', 'parse_classes', 'available_models', 'load_model', 'working_size',
+           'sliding_logits', 'SegmentResult', 'segment', 'palette', 'label_png', 'overlay', 'save_result']
 
 # %% ../nbs/14_segment.ipynb #a39e86c1
 class SegmentError(ValueError):
@@ -179,12 +178,8 @@ def load_model(spec: Any = None, pretrained: str | None = None, residual: bool =
     _MODEL_CACHE[key] = model
     return model
 
-# %% ../nbs/14_segment.ipynb #234997f2
-def window_starts(length: int, window: int, stride: int) -> list[int]:
-    "Start offsets covering `length` with `window`-sized crops at `stride` (last one flush)."
-    if length <= window: return [0]
-    n = math.ceil((length - window) / stride) + 1
-    return sorted({min(i * stride, length - window) for i in range(n)})
+# %% ../nbs/14_segment.ipynb #49472710
+from .data import sliding_window, window_starts
 
 def working_size(size_hw: tuple[int, int], short_side: int | None) -> tuple[int, int]:
     "The (h, w) to predict at: downscaled so the short side is at most `short_side`."
@@ -198,16 +193,9 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, class_names: Sequence[
                    stride: int = 224) -> tuple[torch.Tensor, int]:
     "Window-averaged logits `(K, h, w)` for one image `(3, h, w)`; returns (logits, number of windows)."
     _, h, w = image.shape
-    ys, xs = window_starts(h, window, stride), window_starts(w, window, stride)
-    out, cnt = None, torch.zeros(1, h, w)
-    for y in ys:
-        for x in xs:
-            crop = image[:, y:y + window, x:x + window].unsqueeze(0)
-            lg = model.predict(crop, list(class_names))[0].float().cpu()
-            if out is None: out = torch.zeros(lg.shape[0], h, w)
-            out[:, y:y + crop.shape[-2], x:x + crop.shape[-1]] += lg
-            cnt[:, y:y + crop.shape[-2], x:x + crop.shape[-1]] += 1
-    return out / cnt, len(ys) * len(xs)
+    names = list(class_names)
+    logits = sliding_window(lambda crop: model.predict(crop, names), image.cpu(), window, stride, len(names))
+    return logits, len(window_starts(h, window, stride)) * len(window_starts(w, window, stride))
 
 # %% ../nbs/14_segment.ipynb #db3e00f7
 @dataclass

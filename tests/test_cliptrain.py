@@ -70,3 +70,32 @@ def test_holdout_fold_excludes_novel_images(world):
     from ovseg.cliptrain import _train_arrays
     d = _train_arrays(world, "train", world.novel_classes(0))
     assert not set(d["classes"].ravel().tolist()) & set(world.novel_classes(0))
+
+def test_loads_through_ovseg_encoders(tmp_path):
+    enc = pytest.importorskip("ovseg.encoders")
+    m = create_clip_model(clip_model_cfg(TINY)).eval()
+    save_clip(m, tmp_path)
+    vis, txt = enc.create_clip(f"open_clip:{tmp_path}")
+    x = torch.rand(2, 3, 64, 64)
+    f = vis(x)
+    with torch.no_grad():
+        g = m.encode_image(normalize(m, x), normalize=True)
+        d = dense_embeddings(m, x)
+        t = m.encode_text(clip_tokenizer(clip_model_cfg(TINY))(["a red circle"]), normalize=True)
+    F = torch.nn.functional
+    assert torch.allclose(F.normalize(f.global_, dim=-1), g, atol=1e-5)
+    assert f.dense.shape == d.shape and torch.allclose(F.normalize(f.dense, dim=1), F.normalize(d, dim=1), atol=1e-5)
+    assert torch.allclose(txt.encode(["a red circle"]), t, atol=1e-5)
+
+def test_grouped_batches_share_a_colour(world):
+    import numpy as np
+    from ovseg.cliptrain import _grouped_batch, _train_arrays
+    d = _train_arrays(world, "train")
+    colour = np.array([world.attributes[int(c[c >= 0][0])][0] for c in d["classes"]])
+    by = [np.nonzero(colour == k)[0] for k in range(len(world.cfg.colours))]
+    idx = _grouped_batch(np.random.default_rng(0), by, 32, 4)
+    assert len(idx) == 32
+    for grp in idx.reshape(8, 4): assert len(set(colour[grp].tolist())) == 1 and len(set(grp.tolist())) == 4
+    cfg = ClipTrainConfig(**{**TINY.__dict__, "steps": 3, "group_size": 4})
+    _, _, h = train_clip(world, cfg, seed=0, log_every=1)
+    assert len(h["loss"]) == 3

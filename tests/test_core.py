@@ -61,3 +61,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError): atomic_write(p, fail)
     assert json.loads(p.read_text()) == {"v": 1}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.json"]
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os, stat
+    umask = os.umask(0o022)
+    try: p = atomic_write_text(tmp_path / "b.txt", "x")
+    finally: os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+def test_progress_disable_with_env(monkeypatch):
+    from ovseg.core import progress
+    monkeypatch.setenv("OVSEG_PROGRESS", "0")
+    assert list(progress(range(3), "x", disable=True)) == [0, 1, 2]
+    assert list(progress(range(3), "x")) == [0, 1, 2]
