@@ -23,7 +23,7 @@ from .train import register_arch
 __all__ = ['drop_path', 'Block', 'Decoder', 'FusionHead', 'binary_episode_loss', 'multiclass_loss', 'Fusioner', 'RandomVisual',
            'HashText', 'load_fusioner', 'WithFeatures', 'FeatureEpisodes', 'compute_features', 'collate',
            'evaluate_episodes', 'mean_over_folds', 'slide_predict', 'evaluate_semantic', 'world_features',
-           'run_world_fold', 'WorldExperiment', 'summarise', 'pair_config', 'run_paper_fold']
+           'run_world_fold', 'WorldExperiment', 'summarise', 'pair_config', 'run_paper_fold', 'train_from_config']
 
 # %% ../nbs/09_fusioner.ipynb #b024f08a
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -476,3 +476,35 @@ def run_paper_fold(fc: FusionerConfig, tcfg, dataset: str, fold: int, seed: int,
     fit(model, dl, dataclasses.replace(tcfg, seed=seed), out_dir)
     dev = next(model.parameters()).device
     return model, evaluate_episodes(model, val, batch_size=1, device=dev)
+
+# %% ../nbs/09_fusioner.ipynb #43f69544
+def train_from_config(cfg, out_dir, fold: int | None = None, seed: int | None = None,
+                      steps: int | None = None, dataset: str = "pascal5i") -> Path:
+    """Train a Fusioner with `cfg`'s settings (fold `fold`, default the first configured one; seed
+    `seed`, default `cfg.seed`; `steps` optimizer steps, default `train.max_steps`/`epochs`) and
+    save it into `out_dir`. Returns `out_dir`."""
+    import json
+    from ovseg.core import atomic_write_text, setup_runtime
+    from ovseg.train import save_pretrained
+    device, _ = setup_runtime(cfg)
+    fc, tc = cfg.params.fusioner, cfg.params.train
+    tc = dataclasses.replace(tc, device=str(device.type), precision=cfg.params.runtime.precision,
+                             compile=tc.compile and device.type == "cuda")
+    if steps: tc = dataclasses.replace(tc, max_steps=int(steps))
+    fold = fc.folds[0] if fold is None else int(fold)
+    seed = cfg.seed if seed is None else int(seed)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if cfg.profile == "embedded":
+        ex = WorldExperiment(cfg, out, cache_dir=cfg.params.encoders.cache_dir, n_val_episodes=fc.episodes_per_fold)
+        v, t = ex.encoders(fc)
+        model, res = run_world_fold(fc, tc, ex.world, fold, seed, v, t, ex.features(fc, v), out, fc.episodes_per_fold)
+        res["dataset"] = "embedded world"
+    else:
+        model, res = run_paper_fold(fc, tc, dataset, fold, seed, out, cfg, fc.episodes_per_fold)
+        res["dataset"] = dataset
+    save_pretrained(model.cpu(), out)
+    res.update(profile=cfg.profile, fold=fold, seed=seed, novel_classes="episodes of the fold's novel classes",
+               seconds=round(time.time() - t0, 2))
+    atomic_write_text(out / "eval.json", json.dumps(res, indent=1))
+    return out

@@ -68,9 +68,36 @@ def test_eval(clipdir, imgs, tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["images"] == 1 and 0 <= m["mIoU"] <= 100
 
-def test_train_wrapper_message(capsys):
-    rc = main(["train", "--out", "x"])
-    assert rc in (0, 2)
+def test_train_then_segment(clipdir, imgs, tmp_path, capsys):
+    "`ovseg train` on a tiny world + tiny CLIP writes a checkpoint that `ovseg segment` loads and runs."
+    spec = f"open_clip:{clipdir}"
+    params = {"profile": "embedded", "seed": 0, "profiles": {"embedded": {
+        "runtime": {"device": "cpu", "threads": 1}, "encoders": {"cache_dir": ""},
+        "world": {"image_size": 64, "n_train": 24, "n_val": 12, "out_dir": str(tmp_path / "world")},
+        "train": {"max_steps": 5, "batch_size": 8, "log_every": 1},
+        "fusioner": {"visual": spec, "text": spec, "dim": 16, "depth": 1, "heads": 2, "drop_path": 0.0,
+                     "decoder_channels": [8, 8, 8, 8], "episodes_per_fold": 8, "templates": "plain", "folds": [1]}}}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    ck = tmp_path / "ck"
+    assert main(["train", "--params", str(tmp_path / "params.yaml"), "--steps", "3", "--seed", "1", "--out", str(ck)]) == 0
+    assert "saved" in capsys.readouterr().out
+    meta = json.loads((ck / "config.json").read_text())
+    assert meta["arch"] == "fusioner" and meta["config"]["visual"] == spec and (ck / "model.safetensors").exists()
+    ev = json.loads((ck / "eval.json").read_text())
+    assert ev["fold"] == 1 and ev["seed"] == 1 and 0 <= ev["mIoU"] <= 100
+    assert json.loads((ck / "metrics.json").read_text())["step"] == 3
+    out = tmp_path / "seg"
+    assert main(["segment", str(imgs / "a.png"), "--classes", "red circle, blue square", "--model", str(ck),
+                 "--window", "64", "--stride", "48", "--out", str(out)]) == 0
+    a = json.loads((out / "a_areas.json").read_text())
+    assert a["classes"] == ["red circle", "blue square"] and a["size"] == [30, 40]
+    from ovseg.segment import segment
+    r = segment(torch.rand(3, 48, 64), ["red circle", "blue square"], model=str(ck), window=64, stride=48)
+    assert r.label.shape == (48, 64)
+
+def test_train_bad_params(tmp_path, capsys):
+    assert main(["train", "--params", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
 
 def test_console_script_help():
     exe = os.path.join(os.path.dirname(sys.executable), "ovseg")
