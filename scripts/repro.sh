@@ -7,6 +7,6 @@ echo "== dvc repro (profile: $profile) =="
 dvc repro
 echo
 echo "== metrics =="
-dvc metrics show
+python scripts/summarise_metrics.py
 echo
 echo "Tables, figures and executed notebooks are under outputs/ (see README, 'Outputs')."
