@@ -8,14 +8,6 @@ from ovseg.denseclip import TINY_CLIP_CFG
 
 torch.set_num_threads(1)
 
-@pytest.fixture(scope="module")
-def clipdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    save_file(open_clip.CLIP(**TINY_CLIP_CFG).state_dict(), str(d / "open_clip_model.safetensors"))
-    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
-    return d
-
 @pytest.fixture
 def imgs(tmp_path):
     d = tmp_path / "imgs"; d.mkdir()

@@ -18,14 +18,6 @@ class Colour(nn.Module):
         ch = {"red": 0, "green": 1, "blue": 2}
         return torch.stack([x[:, ch[n]] * 10 for n in names], 1)
 
-@pytest.fixture(scope="module")
-def clipdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    save_file(open_clip.CLIP(**TINY_CLIP_CFG).state_dict(), str(d / "open_clip_model.safetensors"))
-    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
-    return d
-
 RGB = np.zeros((40, 60, 3), np.uint8); RGB[:, :30, 0] = 255; RGB[:, 30:, 2] = 255
 
 @pytest.mark.parametrize("kind", ["path", "pil", "numpy", "tensor", "uint16", "gray", "rgba", "palette", "float"])
