@@ -106,18 +106,7 @@ def encode_class_names(model: nn.Module, class_names: Sequence[str], templates: 
         out.append(F.normalize(e, dim=-1))
     return torch.stack(out)
 
-# %% ../nbs/13_denseclip.ipynb #4d76a037
-def _from_config_dir(path: Path) -> nn.Module:
-    import open_clip
-    from safetensors.torch import load_file
-    cfg = json.loads((path / "open_clip_config.json").read_text())
-    model = open_clip.CLIP(**cfg["model_cfg"])
-    sd = load_file(str(path / "open_clip_model.safetensors"))
-    model.load_state_dict(sd)
-    pre = cfg.get("preprocess_cfg") or {}
-    if "mean" in pre and "std" in pre: model.visual.image_mean, model.visual.image_std = pre["mean"], pre["std"]
-    return model.eval()
-
+# %% ../nbs/13_denseclip.ipynb #ac479a25
 def load_open_clip(spec: str, pretrained: str | None = None) -> nn.Module:
     "An open_clip CLIP from a model name (+ pretrained tag or path) or an `open_clip_config.json` dir."
     import open_clip
@@ -127,7 +116,7 @@ def load_open_clip(spec: str, pretrained: str | None = None) -> nn.Module:
     if p.is_dir():
         if not (p / "open_clip_config.json").exists():
             raise FileNotFoundError(f"{p} has no open_clip_config.json (expected an open_clip model directory)")
-        return _from_config_dir(p)
+        return open_clip.create_model(f"local-dir:{p}").eval()   # open_clip's reader of this layout (safetensors)
     if name not in open_clip.list_models():
         import difflib
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
@@ -142,7 +131,7 @@ def load_open_clip(spec: str, pretrained: str | None = None) -> nn.Module:
         raise
     return model.eval()
 
-# %% ../nbs/13_denseclip.ipynb #3d7e2708
+# %% ../nbs/13_denseclip.ipynb #cc937067
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -172,7 +161,7 @@ class DenseCLIP(nn.Module):
     @classmethod
     def from_open_clip(cls, spec: str, pretrained: str | None = None, **kwargs) -> "DenseCLIP":
         """Build from an open_clip model name (+ pretrained tag/path; none = random weights) or an
-        `open_clip_config.json` directory. Uses `ovseg.encoders.create_clip` when it can."""
+        `open_clip_config.json` directory. Directories and pretrained weights load through `ovseg.encoders.create_clip`."""
         name = str(spec).removeprefix("open_clip:")
         p = Path(name).expanduser()
         if p.is_dir():
@@ -182,13 +171,10 @@ class DenseCLIP(nn.Module):
             import open_clip
             model_cfg, pp = open_clip.get_model_config(name), {}
         if p.is_dir() or pretrained:
-            try:
-                from ovseg.encoders import create_clip
-            except ImportError: create_clip = None
-            if create_clip is not None:
-                vis, txt = create_clip(f"open_clip:{p if p.is_dir() else name}", pretrained=pretrained)
-                kwargs.setdefault("mean", vis.mean); kwargs.setdefault("std", vis.std)
-                return cls(vis.model, model_cfg=model_cfg, text_encoder=txt, **kwargs)
+            from ovseg.encoders import create_clip
+            vis, txt = create_clip(f"open_clip:{p if p.is_dir() else name}", pretrained=pretrained)
+            kwargs.setdefault("mean", vis.mean); kwargs.setdefault("std", vis.std)
+            return cls(vis.model, model_cfg=model_cfg, text_encoder=txt, **kwargs)
         model = load_open_clip(str(p) if p.is_dir() else name, pretrained)
         if "mean" in pp: kwargs.setdefault("mean", pp["mean"]); kwargs.setdefault("std", pp["std"])
         return cls(model, model_cfg=model_cfg, **kwargs)
@@ -243,29 +229,19 @@ class DenseCLIP(nn.Module):
         return cls(open_clip.CLIP(**c.pop("model_cfg")), model_cfg=config["model_cfg"], **c)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        "Write `config.json` (arch 'denseclip') and `model.safetensors` (the module's state dict)."
-        from safetensors.torch import save_file
+        "Write `config.json` (arch 'denseclip') and `model.safetensors` through `ovseg.train.save_pretrained`."
         if self.model_cfg is None: raise ValueError("this DenseCLIP has no model_cfg; build it with from_open_clip")
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(sd, str(path / "model.safetensors"), metadata={"arch": self.arch})
-        (path / "config.json").write_text(json.dumps({"arch": self.arch, "config": self.config}, indent=2))
-        return path
+        from ovseg.train import save_pretrained
+        return save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "DenseCLIP":
         "Load a directory written by `save_pretrained` (safetensors; nothing is unpickled)."
-        from safetensors.torch import load_file
-        path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
-        if cfg.get("arch") != "denseclip": raise ValueError(f"{path} holds arch {cfg.get('arch')!r}, not 'denseclip'")
-        m = cls.from_config(cfg["config"])
-        m.load_state_dict(load_file(str(path / "model.safetensors")))
-        return m.eval()
+        from ovseg.train import from_pretrained
+        m = from_pretrained(path)
+        if not isinstance(m, cls): raise ValueError(f"{path} holds a {type(m).__name__}, not a DenseCLIP")
+        return m
 
-# %% ../nbs/13_denseclip.ipynb #ab8c2519
-try:
-    from ovseg.train import register_arch as _register_arch
-    _register_arch("denseclip", DenseCLIP)
-except Exception:  # ovseg.train not available (or a different registry signature): nothing to do
-    pass
+# %% ../nbs/13_denseclip.ipynb #08b4b2d6
+from .train import register_arch
+register_arch("denseclip", DenseCLIP)
