@@ -24,7 +24,8 @@ from .train import register_arch
 __all__ = ['drop_path', 'Block', 'Decoder', 'FusionHead', 'binary_episode_loss', 'multiclass_loss', 'build_encoders', 'Fusioner',
            'RandomVisual', 'HashText', 'load_fusioner', 'WithFeatures', 'FeatureEpisodes', 'compute_features',
            'evaluate_episodes', 'mean_over_folds', 'slide_predict', 'evaluate_semantic', 'world_features',
-           'run_world_fold', 'WorldExperiment', 'summarise', 'pair_config', 'run_paper_fold', 'train_from_config']
+           'run_world_fold', 'WorldExperiment', 'summarise', 'pair_config', 'pair_spec', 'run_paper_fold',
+           'train_from_config']
 
 # %% ../nbs/09_fusioner.ipynb #b024f08a
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -450,6 +451,11 @@ def pair_config(fc: FusionerConfig, pair: str) -> FusionerConfig:
     stride = 0
     if "@" in vis: vis, st = vis.rsplit("@", 1); stride = int(st)
     return dataclasses.replace(fc, visual=vis, text=txt, visual_stride=stride, visual_dim=0, text_dim=0)
+
+def pair_spec(fc: FusionerConfig) -> str:
+    "The 'visual[@stride]|text' spelling of `fc`'s encoders (the inverse of `pair_config`)."
+    vis = f"{fc.visual}@{fc.visual_stride}" if fc.visual_stride else fc.visual
+    return f"{vis}|{fc.text}"
 
 # %% ../nbs/09_fusioner.ipynb #95d4a7f5
 def run_paper_fold(fc: FusionerConfig, tcfg, dataset: str, fold: int, seed: int, out_dir, cfg,

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from ovseg.core import load_config
-from ovseg.fusioner import pair_config
+from ovseg.fusioner import pair_config, pair_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -45,8 +45,9 @@ def test_paper_figures_file_is_what_the_table_notebooks_read():
 @pytest.mark.parametrize("profile", ["embedded", "paper"])
 def test_encoder_pairs_parse_and_include_the_main_pair(profile):
     fc = load_config(ROOT / "params.yaml", profile).params.fusioner
-    vis = f"{fc.visual}@{fc.visual_stride}" if fc.visual_stride else fc.visual
     configs = [pair_config(fc, p) for p in fc.pairs]
     assert all(c.visual and c.text for c in configs)
+    assert [pair_spec(c) for c in configs] == fc.pairs
     if profile == "embedded":   # the encoder table reuses the main stage's runs for these two
-        assert f"{vis}|{fc.text}" in fc.pairs and f"random:{vis}|random:{fc.text}" in fc.pairs
+        random = pair_spec(pair_config(fc, f"random:{fc.visual}@{fc.visual_stride}|random:{fc.text}"))
+        assert pair_spec(fc) in fc.pairs and random in fc.pairs
