@@ -18,6 +18,8 @@ def _default_model() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ovseg", description="Open-vocabulary semantic segmentation: label every pixel "
                                 "of your images with your own class names.")
+    from ovseg import __version__
+    p.add_argument("--version", action="version", version=f"ovseg {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("segment", help="segment an image or a folder of images into the given classes",
                        description="Segment IMAGE_OR_DIR into --classes; writes <stem>_label.png (palette PNG, "
