@@ -165,8 +165,10 @@ class DenseCLIP(nn.Module):
         name = str(spec).removeprefix("open_clip:")
         p = Path(name).expanduser()
         if p.is_dir():
-            cfg = json.loads((p / "open_clip_config.json").read_text())
-            model_cfg, pp = cfg["model_cfg"], cfg.get("preprocess_cfg") or {}
+            from ovseg.encoders import check_open_clip_dir
+            model_cfg, _ = check_open_clip_dir(p, need_weights=not pretrained)   # one clear error, never random weights
+            pp = {}
+
         else:
             import open_clip
             model_cfg, pp = open_clip.get_model_config(name), {}

@@ -21,8 +21,8 @@ __all__ = ['FUSIONER_TEMPLATES', 'IMAGENET80_TEMPLATES', 'TEMPLATE_SETS', 'TINY_
            'EncoderWeightsError', 'weights_hash', 'FrozenEncoder', 'VisualEncoder', 'get_templates', 'TextEncoder',
            'register_encoder', 'list_encoders', 'create_visual_encoder', 'create_text_encoder', 'create_clip',
            'efficientnet_lite0_weights', 'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir', 'TimmVisualEncoder',
-           'OpenClipVisualEncoder', 'OpenClipTextEncoder', 'save_open_clip_dir', 'encoders_from_config',
-           'create_from_config', 'pca_rgb', 'describe_encoder', 'pca_figure']
+           'check_open_clip_dir', 'OpenClipVisualEncoder', 'OpenClipTextEncoder', 'save_open_clip_dir',
+           'encoders_from_config', 'create_from_config', 'pca_rgb', 'describe_encoder', 'pca_figure']
 
 # %% ../nbs/05_encoders.ipynb #087bc690
 @dataclass
@@ -485,15 +485,51 @@ register_encoder("random-vit", "visual", lambda ident="", seed=0, **kw: TimmVisu
     "vit_small_patch16_224", random_init=True, seed=seed, **kw), "random-init ViT-S/16 control (seeded)")
 
 # %% ../nbs/05_encoders.ipynb #e3539236
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors")
+
+def check_open_clip_dir(directory: str | os.PathLike, need_weights: bool = True) -> tuple[dict, Path | None]:
+    """Check an open_clip directory before open_clip reads it: `open_clip_config.json` must hold a
+    `model_cfg` mapping and (with `need_weights`) a readable safetensors weights file must be there;
+    open_clip alone builds random weights with only a logged warning. Returns (model_cfg, weights file)."""
+    d = Path(directory)
+    cfg_path = d / "open_clip_config.json"
+    if not cfg_path.exists():
+        raise EncoderWeightsError(f"{d} has no open_clip_config.json (expected the embedded-CLIP directory format: "
+                                  "open_clip_config.json + open_clip_model.safetensors)")
+    try: cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EncoderWeightsError(f"{cfg_path} is not valid JSON ({e}); restore it from the model's source") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+        raise EncoderWeightsError(f"{cfg_path} has no 'model_cfg' mapping (the architecture); it must look like "
+                                  '{"model_cfg": {...}, "preprocess_cfg": {...}}')
+    found = [d / n for n in _OPEN_CLIP_WEIGHTS if (d / n).is_file()]
+    if not found:
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
+        if not need_weights: return cfg["model_cfg"], None
+        if pickles:
+            raise EncoderWeightsError(f"{d} holds only pickle checkpoint(s) {pickles}; ovseg loads open_clip directories "
+                                      f"from safetensors only: save the state dict as {d / _OPEN_CLIP_WEIGHTS[0]}")
+        raise EncoderWeightsError(f"{d / _OPEN_CLIP_WEIGHTS[0]} not found: the open_clip directory {d} has no weights "
+                                  "(open_clip would build RANDOM weights). Copy the weights file there, or pass "
+                                  "pretrained=<weights file>")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(found[0]), "pt") as f: keys = list(f.keys())
+    except Exception as e:
+        raise EncoderWeightsError(f"{found[0]} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                                  "it is truncated or corrupt: copy it again") from None
+    if not keys: raise EncoderWeightsError(f"{found[0]} holds no tensors")
+    return cfg["model_cfg"], found[0]
+
 def _load_open_clip(ident: str, pretrained: str | None, random_init: bool, seed: int, **kw):
+
     import open_clip
     hint = ("download the checkpoint once and pass pretrained='/path/to/open_clip_pytorch_model.bin' "
             "(create_visual_encoder('open_clip:NAME', pretrained=PATH)), or use a directory with "
             "open_clip_config.json + open_clip_model.safetensors as 'open_clip:<dir>'")
     is_dir = _is_path(ident) and Path(ident).is_dir()
     if is_dir:
-        if not (Path(ident) / "open_clip_config.json").exists():
-            raise EncoderWeightsError(f"{ident} has no open_clip_config.json (expected the embedded-CLIP directory format)")
+        _, dir_weights = check_open_clip_dir(ident, need_weights=not (random_init or pretrained))
         name = f"local-dir:{ident}"
     elif _is_path(ident):
         raise EncoderWeightsError(f"open_clip directory {ident} not found")
@@ -502,8 +538,16 @@ def _load_open_clip(ident: str, pretrained: str | None, random_init: bool, seed:
         if random_init:
             with _seeded(seed): model = open_clip.create_model(name, pretrained=None, load_weights=False, **kw)
         elif is_dir:
-            model = open_clip.create_model(name, **kw)
-            if pretrained: open_clip.load_checkpoint(model, str(pretrained))
+            try:
+                if dir_weights is None: model = open_clip.create_model(name, load_weights=False, **kw)
+                else: model = open_clip.create_model(name, **kw)
+            except Exception as e:
+                raise EncoderWeightsError(f"cannot load the open_clip model in {ident} "
+                                          f"(weights {dir_weights}): {type(e).__name__}: {e}") from None
+            if pretrained:
+                try: open_clip.load_checkpoint(model, str(pretrained))
+                except Exception as e:
+                    raise EncoderWeightsError(f"cannot load open_clip weights {pretrained}: {type(e).__name__}: {e}") from None
         else:
             if pretrained is None:
                 raise EncoderWeightsError(f"open_clip:{ident} needs pretrained=<tag or checkpoint file> "

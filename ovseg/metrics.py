@@ -8,19 +8,24 @@ Docs: https://github.com/ovseg/ovseg/metrics.html.md"""
 
 # %% ../nbs/02_metrics.ipynb #38208615
 from __future__ import annotations
-import math
+import json, math
 from typing import Sequence
+
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['confusion_matrix', 'harmonic_mean', 'SemanticMetric', 'reduce_zero_label', 'EpisodicMetric']
+__all__ = ['confusion_matrix', 'harmonic_mean', 'SemanticMetric', 'reduce_zero_label', 'EpisodicMetric', 'json_safe',
+           'metrics_json']
 
 # %% ../nbs/02_metrics.ipynb #7d35e78b
 def _as_tensor(x) -> torch.Tensor:
+    "Tensor view of `x`; numpy views with negative strides (np.fliplr, flip TTA) are copied first."
     if isinstance(x, torch.Tensor): return x
-    return torch.as_tensor(np.asarray(x))
+    a = np.asarray(x)
+    if any(s < 0 for s in a.strides): a = np.ascontiguousarray(a)
+    return torch.as_tensor(a)
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     "`(K, K)` int64 counts (rows ground truth, columns prediction) on `target`'s device."
@@ -85,7 +90,16 @@ class SemanticMetric:
     @torch.no_grad()
     def update(self, pred, target):
         pred, target = _as_tensor(pred), _as_tensor(target)
-        if pred.ndim == target.ndim + 1: pred = pred.argmax(1)
+        if pred.ndim == target.ndim + 1:    # logits: (K,H,W) for one (H,W) image, (B,K,H,W) for (B,H,W)
+            kdim = 0 if target.ndim == 2 else 1
+            if pred.shape[:kdim] + pred.shape[kdim + 1:] != target.shape:
+                raise ValueError(f"logits {tuple(pred.shape)} do not fit labels {tuple(target.shape)}: expected "
+                                 "(K,H,W) for one (H,W) label map or (B,K,H,W) for (B,H,W)")
+            pred = pred.argmax(kdim)
+        elif pred.is_floating_point():
+            raise TypeError(f"float predictions of shape {tuple(pred.shape)} are neither class indices nor logits "
+                            f"for labels {tuple(target.shape)}; pass integer class maps or (B,K,H,W) logits")
+
         cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         if cm.device != self.confmat.device: self.confmat = self.confmat.to(cm.device)
         self.confmat += cm
@@ -204,7 +218,22 @@ class EpisodicMetric:
         idx = torch.tensor(self.class_ids)
         inter, union = self.inter.cpu().double()[:, idx], self.union.cpu().double()[:, idx]
         iou = inter / union.clamp(min=1)                         # HSNet: max(union, 1)
-        fb = inter.sum(1) / union.sum(1).clamp(min=1)
+        fb = inter.sum(1) / union.sum(1)                         # HSNet: no clamp, 0/0 = NaN (nothing scored)
+
         return dict(mIoU=float(iou[1].mean()), FB_IoU=float(fb.mean()),
                     IoU=dict(zip(self.class_ids, iou[1].tolist())),
                     episodes=int(self.episodes.sum()))
+
+# %% ../nbs/02_metrics.ipynb #2f8167a7
+def json_safe(obj):
+    "`obj` with every non-finite float (NaN: a class absent from labels and predictions) replaced by None."
+    if isinstance(obj, float): return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict): return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor): return json_safe(obj.tolist())
+    if isinstance(obj, np.generic): return json_safe(obj.item())
+    return obj
+
+def metrics_json(obj, indent: int | None = 2) -> str:
+    "Strict JSON text of a metrics dict: `null` where a value is undefined, never the non-standard `NaN`."
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)

@@ -23,8 +23,9 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
 
 # %% auto #0
 __all__ = ['ARCHS', 'lr_at', 'wd_at', 'param_groups', 'dist_info', 'init_distributed', 'EpochSampler', 'register_arch',
-           'trainable_state_dict', 'save_pretrained', 'from_pretrained', 'ToyConfig', 'ToyModel', 'ToyData',
-           'save_checkpoint', 'load_checkpoint', 'fit']
+           'trainable_state_dict', 'CheckpointError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained',
+           'check_encoders', 'from_pretrained', 'ToyConfig', 'ToyModel', 'ToyData', 'save_checkpoint',
+           'load_checkpoint', 'run_policy', 'Terminated', 'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
@@ -109,36 +110,102 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _save_tensors(path, tensors: dict, metadata: dict | None = None):
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
+class CheckpointError(ValueError):
+    "A checkpoint directory that cannot be loaded as it is; the message names the file and the fix."
+
+class UnknownArchError(CheckpointError, KeyError):
+    "config.json names an architecture no imported module registered."
+    __str__ = ValueError.__str__
+
+def encoder_hashes(model: nn.Module) -> dict[str, dict]:
+    """Name and weights SHA-256 (`ovseg.encoders.weights_hash`, the feature cache's key) of each
+    frozen encoder that `model.frozen_encoders()` lists; {} for models without frozen encoders."""
+    fe = getattr(model, "frozen_encoders", None)
+    if fe is None: return {}
+    from ovseg.encoders import weights_hash
+    out = {}
+    for role, enc in fe().items():
+        if enc is None: continue
+        h = getattr(enc, "weights_hash", None)
+        out[role] = {"name": str(getattr(enc, "name", type(enc).__name__)),
+                     "weights_sha256": h if isinstance(h, str) else weights_hash(enc)}
+    return out
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
-    "Write `config.json` + `model.safetensors` for a registered model."
+    "Write `config.json` (+ frozen encoders' weights hashes) + `model.safetensors` for a registered model."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     arch = getattr(model, "arch", None)
     if arch not in ARCHS: raise ValueError(f"{type(model).__name__} is not registered; use register_arch")
     _save_tensors(d / "model.safetensors", trainable_state_dict(model), {"arch": arch})
-    atomic_write_text(d / "config.json", json.dumps({"arch": arch, "config": _to_jsonable(model.config)}, indent=2))
+    meta = {"arch": arch, "config": _to_jsonable(model.config)}
+    enc = encoder_hashes(model)
+    if enc: meta["encoders"] = enc
+    atomic_write_text(d / "config.json", json.dumps(meta, indent=2))
     return d
 
-def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", **overrides) -> nn.Module:
-    "Rebuild a model saved by `save_pretrained`; `overrides` replace config fields."
+def _read_config_json(d: Path) -> dict:
+    p = d / "config.json"
+    if not p.exists(): raise FileNotFoundError(f"{p} not found: not a model directory")
+    try: meta = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}); the checkpoint is corrupt: save or copy it again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise CheckpointError(f"{p} must hold a mapping {{\"arch\": ..., \"config\": {{...}}}}, got "
+                              f"{type(meta).__name__ if not isinstance(meta, dict) else 'a non-mapping config'}; "
+                              "the checkpoint is corrupt: save or copy it again")
+    return meta
+
+def _load_tensors(path: Path, map_location="cpu") -> dict:
+    if not path.exists(): raise CheckpointError(f"{path} not found: the checkpoint has no weights; copy it again")
+    try: return load_file(str(path), device=map_location)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                              "it is truncated or corrupt: copy or save it again") from None
+
+def check_encoders(model: nn.Module, meta: dict, where: str, allow_mismatch: bool = False):
+    "Refuse to run a checkpoint whose frozen encoders now load with other weights than it was trained with."
+    saved = meta.get("encoders") or {}
+    if not saved: return
+    now = encoder_hashes(model)
+    for role, s in saved.items():
+        cur = now.get(role)
+        if cur is None or cur["weights_sha256"] == s.get("weights_sha256"): continue
+        msg = (f"{where}: the frozen {role} encoder {cur['name']} now has weights {cur['weights_sha256'][:16]}, "
+               f"but this checkpoint was trained on weights {str(s.get('weights_sha256'))[:16]} ({s.get('name')}); "
+               "its labels would silently change. Restore the original weights, or pass allow_encoder_mismatch=True "
+               "(ovseg: --allow-weights-mismatch) to use them anyway")
+        if not allow_mismatch: raise CheckpointError(msg)
+        import warnings; warnings.warn(msg)
+
+def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", allow_encoder_mismatch: bool = False,
+                    **overrides) -> nn.Module:
+    """Rebuild a model saved by `save_pretrained`; `overrides` replace config fields. Frozen encoders
+    must have the weights hashes recorded at saving (`allow_encoder_mismatch=True` only warns)."""
     d = Path(directory)
-    if not (d / "config.json").exists(): raise FileNotFoundError(f"{d}/config.json not found: not a model directory")
-    meta = json.loads((d / "config.json").read_text())
+    meta = _read_config_json(d)
     arch = meta.get("arch")
     if arch not in ARCHS:
-        raise KeyError(f"unknown arch {arch!r} in {d}/config.json; registered: {sorted(ARCHS)} "
-                       "(import the module that defines it, e.g. ovseg.fusioner)")
+        raise UnknownArchError(f"unknown arch {arch!r} in {d}/config.json; registered: {sorted(ARCHS)} "
+                              "(import the module that defines it, e.g. ovseg.fusioner)")
     cls = ARCHS[arch]
     raw = {**meta.get("config", {}), **overrides}
     cfg_cls = getattr(cls, "config_class", None)
     cfg = from_dict(cfg_cls, raw, "config", str(d / "config.json")) if cfg_cls else raw
-    model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
-    sd = load_file(str(d / "model.safetensors"), device=map_location)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    sd = _load_tensors(d / "model.safetensors", map_location)
+    try: model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        if isinstance(e, CheckpointError) or type(e).__name__ == "EncoderWeightsError": raise
+        raise CheckpointError(f"{d}/config.json describes no valid {cls.__name__}: {type(e).__name__}: {e}") from None
+    try: missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{d}/model.safetensors does not fit the model in config.json: {str(e)[:300]}") from None
+
     skip = tuple(getattr(model, "frozen_prefixes", ()))
     missing = [k for k in missing if not (skip and k.startswith(skip))]
     if missing or unexpected:
-        raise RuntimeError(f"{d}/model.safetensors does not match {cls.__name__}: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{d}/model.safetensors does not match {cls.__name__}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    check_encoders(model, meta, str(d), allow_encoder_mismatch)
     return model.eval()
 
 # %% ../nbs/08_train.ipynb #0186b1a0
@@ -227,25 +294,105 @@ def save_checkpoint(directory, model, opt, state: dict, tcfg: TrainConfig) -> Pa
     atomic_write_text(tmp / "trainer_state.json", json.dumps(meta))
     if d.exists():
         shutil.rmtree(old, ignore_errors=True); os.replace(d, old)
-    os.replace(tmp, d)
-    shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, d)   # the previous checkpoint stays as `.old`: the fallback if this one is ever unreadable
     return d
 
-def load_checkpoint(directory, model, opt) -> dict | None:
-    "Restore model, optimizer and RNGs from `directory` (or its `.old` twin); returns the state."
-    d = Path(directory)
-    if not (d / "trainer_state.json").exists():
-        d = d.with_name(d.name + ".old")
-        if not (d / "trainer_state.json").exists(): return None
+def _read_checkpoint(d: Path):
     meta = json.loads((d / "trainer_state.json").read_text())
-    sd = load_file(str(d / "model.safetensors"))
+    if not isinstance(meta, dict) or "step" not in meta: raise ValueError("trainer_state.json holds no training state")
+    return meta, *(load_file(str(d / f"{n}.safetensors")) for n in ("model", "optimizer", "rng"))
+
+def load_checkpoint(directory, model, opt, expect: dict | None = None) -> dict | None:
+    """Restore model, optimizer and RNGs from `directory`, or from the previous checkpoint (`.old`)
+    when the latest is missing or unreadable; returns the state. `expect`: the run settings
+    that must match the checkpoint's for an exact resume (`CheckpointError` otherwise)."""
+    errors = []
+    for d in (Path(directory), Path(directory).with_name(Path(directory).name + ".old")):
+        if not (d / "trainer_state.json").exists():
+            if d.exists(): errors.append(f"{d}: no trainer_state.json")
+            continue
+        try: meta, sd, ot, rt = _read_checkpoint(d)
+        except Exception as e:
+            errors.append(f"{d}: {type(e).__name__}: {str(e)[:200]}"); continue
+        if errors:
+            import warnings
+            warnings.warn(f"the latest checkpoint is unreadable ({errors[0]}); resuming from the previous one, {d} "
+                          f"(step {meta['step']})")
+        break
+    else:
+        if errors: raise CheckpointError("no readable training checkpoint: " + "; ".join(errors))
+        return None
+    if expect is not None: _check_same_run(meta.get("run"), expect, d)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     skip = tuple(getattr(model, "frozen_prefixes", ()))
     if unexpected or [k for k in missing if not (skip and k.startswith(skip))]:
         raise RuntimeError(f"checkpoint {d} does not match the model")
-    _load_optimizer_state(opt, load_file(str(d / "optimizer.safetensors")), meta.pop("optimizer"))
-    _set_rng_state(load_file(str(d / "rng.safetensors")), meta.pop("rng"))
+    _load_optimizer_state(opt, ot, meta.pop("optimizer"))
+    _set_rng_state(rt, meta.pop("rng"))
     return meta
+
+# %% ../nbs/08_train.ipynb #23fb254e
+_POLICY = {"resume": False, "overwrite": None}
+
+@contextlib.contextmanager
+def run_policy(resume: bool | None = None, overwrite: bool | None = None):
+    "Defaults for `fit`'s `resume`/`overwrite` inside this block (what `ovseg train --resume/--overwrite` sets)."
+    old = dict(_POLICY)
+    if resume is not None: _POLICY["resume"] = resume
+    if overwrite is not None: _POLICY["overwrite"] = overwrite
+    try: yield
+    finally: _POLICY.update(old)
+
+# settings that change the sequence of updates: a resume must keep them to equal an uninterrupted run
+_EXACT = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "min_lr", "beta1", "beta2", "warmup_steps",
+          "warmup_epochs", "weight_decay", "weight_decay_end", "grad_clip", "shuffle", "seed")
+
+def _run_signature(model, tcfg: TrainConfig, loader, world: int) -> dict:
+    cfg = getattr(model, "config", None)
+    sig = {**{k: getattr(tcfg, k) for k in _EXACT}, "loader_batch_size": loader.batch_size,
+           "samples": len(loader.dataset), "world_size": world, "arch": getattr(model, "arch", None),
+
+           "model_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None}
+    return json.loads(json.dumps(sig, default=str))
+
+def _check_same_run(saved: dict | None, run: dict, where):
+    if saved is None: return   # a checkpoint from before run signatures were recorded
+    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"{where} was saved by a run with other settings ({'; '.join(diff)[:600]}); resuming "
+                              "with these would not reproduce an uninterrupted run. Restore those settings, or start "
+                              "over with overwrite=True (ovseg train --overwrite)")
+
+def _claim_checkpoint_dir(ckpt_dir: Path, run: dict, total: int, overwrite: bool | None):
+    """Before a fresh (not resumed) run writes `ckpt_dir`: a finished checkpoint of the same settings
+    is replaced (same result); any other (unfinished, or another run's) only with `overwrite`."""
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    found = [c for c in (ckpt_dir, old) if c.exists()]
+    if not found: return
+    if overwrite is None: overwrite = os.environ.get("OVSEG_OVERWRITE", "0") == "1"
+
+    try: meta = json.loads((found[0] / "trainer_state.json").read_text())
+    except Exception: meta = {}
+    same = isinstance(meta, dict) and meta.get("run") == run
+    if not (same and meta.get("step", -1) >= total):
+        what = (f"an unfinished run (step {meta.get('step')} of {total})" if same else
+                "another run (other settings)" if meta.get("run") else "another run")
+        if not overwrite:
+            raise CheckpointError(f"{found[0]} holds the checkpoint of {what}; pass resume=True (ovseg train --resume) "
+                                  "to continue it, or overwrite=True (ovseg train --overwrite) to replace it")
+        print(f"replacing the checkpoint of {what} in {found[0]}")
+    for c in (ckpt_dir, old): shutil.rmtree(c, ignore_errors=True)
+
+class Terminated(KeyboardInterrupt):
+    "SIGTERM (job schedulers, `timeout`, `kill`) while `fit` runs: handled like Ctrl-C (checkpoint, then stop)."
+
+def _raise_terminated(signum, frame): raise Terminated(f"signal {signum}")
+
+def _catch_sigterm():
+    "Route SIGTERM to `Terminated` while training (main thread only); returns the previous handler."
+    import signal, threading
+    if threading.current_thread() is not threading.main_thread(): return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 # %% ../nbs/08_train.ipynb #06abc557
 def _write_tsv(path, rows: list[dict]):
@@ -277,11 +424,15 @@ def _to_device(batch, device):
     return batch
 
 def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.PathLike,
-        eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool = False,
-        stop_after: int | None = None) -> dict:
+        eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool | None = None,
+        stop_after: int | None = None, overwrite: bool | None = None) -> dict:
     """Train `model` (which has `training_loss(batch)`) and return the final metrics.
-    `stop_after`: stop (with a checkpoint) after this many optimizer steps of this call,
-    as if interrupted; for tests of resuming."""
+    `resume`: continue from `out_dir/checkpoint` (settings must match); otherwise an existing
+    checkpoint there is only replaced with `overwrite` (defaults: `run_policy`). Ctrl-C and SIGTERM
+    save a checkpoint. `stop_after`: stop (with a checkpoint) after this many optimizer steps of
+    this call, as if interrupted; for tests of resuming."""
+    if resume is None: resume = _POLICY["resume"]
+    if overwrite is None: overwrite = _POLICY["overwrite"]
     out = Path(out_dir); ckpt_dir = out / "checkpoint"
     device = pick_device(tcfg.device)
     distributed = init_distributed(device)
@@ -303,8 +454,10 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay,
                             fused=device.type == "cuda" or None)
     state = dict(step=0, epoch=0, batch_in_epoch=0, log=[], evals=[])
+    run = _run_signature(model, tcfg, loader, world)
+    if not resume and is_main: _claim_checkpoint_dir(ckpt_dir, run, total, overwrite)
     if resume:
-        loaded = load_checkpoint(ckpt_dir, model, opt)
+        loaded = load_checkpoint(ckpt_dir, model, opt, expect=run)
         if loaded is not None:
             state.update({k: loaded[k] for k in state})
             if is_main: print(f"resumed from {ckpt_dir} at step {state['step']}")
@@ -339,6 +492,8 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
     model.train()
     bar = progress(total=total, initial=state["step"], desc="train") if is_main else _NullBar()
     done_this_call, t0, seen, losses = 0, time.time(), 0, []
+    state["run"] = run
+    prev_term = _catch_sigterm()
     try:
         while state["step"] < total:
             sampler.set_epoch(state["epoch"], state["batch_in_epoch"] * loader.batch_size)
@@ -385,8 +540,13 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
     except KeyboardInterrupt:
         bar.close()
         checkpoint()
-        if is_main: print(f"interrupted: checkpoint of step {state['step']} saved to {ckpt_dir}")
+        if is_main: print(f"interrupted: checkpoint of step {state['step']} saved to {ckpt_dir}; "
+                          "continue with resume=True (ovseg train --resume)")
         raise
+    finally:
+        if prev_term is not None:
+            import signal; signal.signal(signal.SIGTERM, prev_term)
+
     bar.close()
     evaluate()
     checkpoint()
