@@ -1,19 +1,15 @@
 """Open-vocabulary semantic segmentation on frozen vision and language encoders: Fusioner, zsseg, OVSegmentor, FISA and dense CLIP in one notebook-first codebase.
 
+Entry points, imported on first use: `ovseg.segment(image, classes, model=...)`, `ovseg.load_model`, `ovseg.create_visual_encoder`, `ovseg.create_text_encoder`, `ovseg.create_clip`, `ovseg.list_encoders`, `ovseg.load_config`; the command line is `ovseg` or `python -m ovseg`.
+
+Every module is defined, explained and tested in one notebook: `ovseg.NAME` in `nbs/NN_NAME.ipynb` (each module's header names it: `File to edit`). Topic guides: `docs/datasets.md`, `docs/encoders.md`, `docs/training.md`, `docs/reproduction.md`, `docs/benchmarks.md`.
+
 Modules:
 
-- `ovseg.cache`: Encoders are frozen, so an image's dense features never change while the encoder, the image and the transform that produced the input stay the same. Cache them on disk.
-- `ovseg.cli`: `ovseg segment | eval | train`: the segment API, scoring and training for people who do not use Python or DVC. The `ovseg` console script (pyproject) calls `ovseg.cli.main`.
 - `ovseg.cliptrain`: No CLIP weights can be installed offline, so the embedded profile trains its own: a small open_clip architecture (a custom config), trained contrastively on the embedded world's image–caption pairs, saved in open_clip's directory format and then used frozen like any pretrained CLIP (`create_clip("open_clip:outputs/embedded_clip")`).
-- `ovseg.core`: What every other module stands on: typed settings read from `params.yaml`, reproducible random state, the device and numeric precision to run at, and one progress bar.
 - `ovseg.data`: Datasets for PASCAL-5i, COCO-20i, FSS-1000 / Mosaic-4, VOC, COCO-Stuff, ADE20K, PASCAL Context and COCO-Object read from the layouts the papers' code expects; joint image–mask transforms; sliding-window and multi-scale / flip inference; prepare (download, check, unpack, convert) commands.
-- `ovseg.denseclip`: Per-patch CLIP embeddings from any open_clip ViT without training: the last block's value path replaces its query–key attention, and each patch is classified by cosine with prompt-ensembled class-name embeddings.
-- `ovseg.embedded`: A seeded synthetic world of coloured shapes on textured backgrounds, with pixel labels, instance masks and captions, small enough for CPU. It stands in for the real benchmarks wherever data or weights cannot be had.
-- `ovseg.encoders`: Every method in ovseg reads images and class names through the two small classes defined here, so any visual encoder can be paired with any language encoder.
-- `ovseg.fusioner`: A lightweight transformer that fuses frozen visual tokens with frozen class-name embeddings, a small convolutional decoder and a cosine head (Ma et al., BMVC 2022, arXiv 2210.15138), batched and cached.
-- `ovseg.metrics`: The numbers ovseg prints are compared with numbers in papers, so each metric follows the convention of the codebases those papers used: mmsegmentation / detectron2 0.6 for semantic segmentation, HSNet for PASCAL-5i / COCO-20i episodes, zsseg for hIoU.
-- `ovseg.segment`: `segment(image, classes, model=...)`: one call from any image and any list of class names to a label map at the image's resolution, per-class probabilities and the class list used; for trained ovseg checkpoints and training-free dense CLIP alike. Visualisation helpers and the `ovseg` command line live here too.
-- `ovseg.train`: AdamW with warm-up and cosine schedules, gradient accumulation and clipping, bf16 autocast, optional `torch.compile`, DDP through `torchrun`, atomic safetensors checkpoints that resume exactly, and loss curves where DVC reads them."""
+- `ovseg.maskgen`: Class-agnostic mask proposals (an FPN pixel decoder and a DETR-style transformer decoder, as in MaskFormer), Hungarian matching and the set losses that train them, and the operations every two-stage method applies to proposals: semantic inference, batched masked crops for CLIP, mask pooling, the seen/unseen ensemble of zsseg, and oracle helpers.
+- `ovseg.segment`: `segment(image, classes, model=...)`: one call from any image and any list of class names to a label map at the image's resolution, per-class probabilities and the class list used; for trained ovseg checkpoints and training-free dense CLIP alike. Visualisation helpers and the `ovseg` command line live here too."""
 
 __version__ = "0.1.0"
 
