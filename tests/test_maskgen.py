@@ -120,8 +120,9 @@ def _crop_loop(img, masks, thr, fill, size, expand):
     return out, valid
 
 
-@pytest.mark.parametrize("expand,size", [(1.0, 16), (1.0, 7), (1.4, 12)])
-def test_mask_crops_equal_per_crop_loop(expand, size):
+@pytest.mark.parametrize("expand,size,method", [(1.0, 16, "matrix"), (1.0, 7, "matrix"), (1.4, 12, "matrix"),
+                                                (1.0, 16, "loop"), (1.4, 12, "loop"), (1.0, 9, "auto")])
+def test_mask_crops_equal_per_crop_loop(expand, size, method):
     g = torch.Generator().manual_seed(1)
     B, Q, H, W = 2, 6, 23, 31
     img = torch.rand(B, 3, H, W, generator=g)
@@ -132,18 +133,20 @@ def test_mask_crops_equal_per_crop_loop(expand, size):
             y1, x1 = y0 + torch.randint(1, H - y0, (1,), generator=g).item(), x0 + torch.randint(1, W - x0, (1,), generator=g).item()
             masks[b, q, y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0, generator=g)   # soft, partly below thr
     masks[1, 2, 5, 7] = 0.9                                                          # a single-pixel mask
-    crops, valid = mask_crops(img, masks, 0.5, CLIP_MEAN, size, expand, chunk=4)
+    crops, valid = mask_crops(img, masks, 0.5, CLIP_MEAN, size, expand, method=method, chunk=4)
     for b in range(B):
         ref, v = _crop_loop(img[b], masks[b], 0.5, CLIP_MEAN, size, expand)
         assert valid[b].tolist() == v
         for q in range(Q):
             if v[q]: assert torch.allclose(crops[b, q], ref[q], atol=1e-5), (b, q)
-    assert not valid[:, -1].any()                                                    # empty mask: invalid
+    assert not valid[:, -1].any()                                                    # empty mask: invalid ...
+    assert torch.allclose(crops[:, -1], torch.tensor(CLIP_MEAN).view(1, 3, 1, 1).expand(B, 3, size, size))  # ... and all fill
 
 
 def test_mask_crops_bad_input():
     with pytest.raises(ValueError, match="image resolution"): mask_crops(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 4, 4))
     with pytest.raises(ValueError, match="expand"): mask_boxes(torch.ones(1, 4, 4, dtype=torch.bool), 0)
+    with pytest.raises(ValueError, match="method"): mask_crops(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), method="fast")
     crops, valid = mask_crops(torch.rand(1, 3, 8, 8), torch.zeros(1, 0, 8, 8), size=4)   # no proposals at all
     assert crops.shape == (1, 0, 3, 4, 4) and valid.shape == (1, 0)
 
