@@ -1,7 +1,14 @@
 #!/usr/bin/env python
-"""Print each DVC metrics file as one short block (`dvc metrics show` puts every key of every
-stage into one very wide table)."""
+"""Print the results table of the `summary` stage (outputs/summary/summary.md), then each DVC
+metrics file as one short block (`dvc metrics show` puts every key of every stage into one very
+wide table)."""
 import json, subprocess, sys
+from pathlib import Path
+
+summary = Path("outputs/summary/summary.md")
+if summary.exists():
+    print(f"novel-class mIoU per method ({summary}; figure: {summary.with_suffix('.png')})\n")
+    print(summary.read_text())
 
 out = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True, check=True).stdout
 files = next(iter(json.loads(out).values()), {}).get("data", {})
