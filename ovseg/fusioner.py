@@ -147,10 +147,11 @@ def binary_episode_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index:
     over all of them; 'image' averages per image, then over the batch (the paper; an image with no
     labelled pixel counts 0)."""
     valid = label != ignore_index
-    if not valid.any(): return logits.sum() * 0.0
     if reduction == "pixel":
+        if not valid.any(): return logits.sum() * 0.0
         return F.binary_cross_entropy_with_logits(logits[valid].float(), label[valid].float())
     if reduction != "image": raise ValueError(f"reduction must be 'pixel' or 'image', got {reduction!r}")
+    # no data-dependent branch here: torch.compile traces the whole step
     bce = F.binary_cross_entropy_with_logits(logits.float(), (label == 1).float(), reduction="none")
     per_image = (bce * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
     return per_image.mean()

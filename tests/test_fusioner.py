@@ -1,6 +1,7 @@
 import dataclasses, json
 
 import pytest
+import torch.nn.functional as F
 import torch
 
 from ovseg.core import FusionerConfig, TrainConfig
@@ -151,3 +152,141 @@ def test_sliding_window_covers_and_flip():
 def test_mean_over_folds():
     r = mean_over_folds({0: {"mIoU": 10.0, "FB_IoU": 50.0}, 1: {"mIoU": 30.0, "FB_IoU": 70.0}})
     assert r["mean"] == {"mIoU": 20.0, "FB_IoU": 60.0}
+
+
+# ---- the paper recipe: settings, pad-aware resizing, augmentation, encoders, optimiser groups ----
+from ovseg.core import ParamGroupConfig, load_config
+from ovseg.fusioner import OfficialAugment, build_encoders, fit_to_output, for_dataset, pair_config
+
+
+def test_paper_profile_is_the_official_recipe():
+    "Every row of METHODS.md section 0 as a setting of the `paper` profile (docs/fusioner.md)."
+    cfg = load_config("params.yaml", "paper")
+    fc, tc = cfg.params.fusioner, cfg.params.train
+    assert (fc.dim, fc.depth, fc.heads, fc.mlp_ratio, fc.drop_path, fc.temperature) == (512, 12, 8, 4.0, 0.0, 0.07)
+    assert fc.decoder_channels == [512] * 4 and not fc.decoder_affine and fc.resize == "features"
+    assert (fc.class_embed, fc.out_proj, fc.init) == ("shared", "matrix", "torch")
+    assert (fc.templates, fc.class_names) == ("fusioner32", "raw")
+    assert fc.visual == fc.text == "open_clip:ViT-L-14-quickgelu" and fc.pretrained == "openai"
+    assert fc.loss_reduction == "image" and fc.input_norm == "dataset" and fc.augment == "official"
+    assert (fc.crop, fc.stride, fc.flip, fc.eval_protocol, fc.skip_empty) == (224, 149, False, "slide", True)
+    assert fc.scale_range == [0.5, 1.0] and fc.benchmark == "real"
+    assert (tc.epochs, tc.warmup_epochs, tc.lr, tc.min_lr, tc.weight_decay, tc.weight_decay_end) == (510, 10, 1e-3, 2e-6, 0.01, 0.4)
+    assert tc.grad_clip == 0 and tc.precision == "fp32" and tc.batch_size == 32
+    dec = tc.groups["decoder"]
+    assert (dec.prefixes, dec.optimizer, dec.lr, dec.schedule, dec.weight_decay, dec.warmup_steps, dec.warmup_epochs) == \
+        (["head.decoder."], "adam", 1e-3, "constant", 0.0, 0, 0.0)
+    emb = load_config("params.yaml", "embedded").params.fusioner   # ovseg's own choices stay named options there
+    assert (emb.class_embed, emb.out_proj, emb.resize, emb.input_norm, emb.augment) == ("per_slot", "linear", "logits", "encoder", "ovseg")
+
+
+@pytest.mark.parametrize("resize", ["features", "logits"])
+def test_padded_grid_is_not_squeezed(resize):
+    "An image whose size is not a multiple of the patch: its logits are those of the padded image, cropped."
+    from ovseg.encoders import VisualEncoder
+    class Patch8(VisualEncoder):
+        stride, pad_to, dim, name = 8, 8, 6, "patch8"
+        mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+        def __init__(self):
+            super().__init__(); torch.manual_seed(3); self.conv = torch.nn.Conv2d(3, 6, 8, 8); self.freeze()
+        def _forward(self, x): d = self.conv(x); return d, d.mean((2, 3)), None
+    torch.manual_seed(0)
+    m = Fusioner(dataclasses.replace(CFG, resize=resize), visual=Patch8(), text=HashText(12)).eval()
+    assert m.config.feature_stride == 8
+    img = torch.rand(1, 3, 30, 37)
+    padded = torch.full((1, 3, 32, 40), 0.5); padded[..., :30, :37] = img   # 0.5 = the mean: normalises to the zero padding
+    small, big = m.predict(img, ["a", "b"]), m.predict(padded, ["a", "b"])
+    assert small.shape == (1, 2, 30, 37)
+    torch.testing.assert_close(small, big[..., :30, :37])
+    squeezed = F.interpolate(m.head(m.visual_features(img), m.class_embeddings(["a", "b"])), size=(30, 37), mode="bilinear") \
+        if resize == "logits" else None
+    if squeezed is not None: assert (squeezed - small).abs().max() > 1e-3
+
+
+def test_fit_to_output_same_grid_is_plain_resize():
+    x = torch.randn(1, 2, 8, 8)
+    torch.testing.assert_close(fit_to_output(x, (64, 64), (8, 8), 8), F.interpolate(x, size=(64, 64), mode="bilinear"))
+
+
+def test_official_augment_is_seeded_and_valid():
+    lab = torch.zeros(50, 70, dtype=torch.int64); lab[10:40, 20:50] = 1; lab[:3] = 255
+    s = dict(image=torch.rand(3, 50, 70), label=lab, class_name="x", class_id=0)
+    aug = OfficialAugment(32)
+    torch.manual_seed(5); a = [aug(s) for _ in range(8)]
+    torch.manual_seed(5); b = [aug(s) for _ in range(8)]
+    for x, y in zip(a, b): assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+    assert all(x["image"].shape == (3, 32, 32) and set(x["label"].unique().tolist()) <= {0, 1, 255} for x in a)
+    assert len({float(x["image"].sum()) for x in a}) == 8   # random crops differ
+
+
+def _fake_bert(d):
+    "A tiny BERT in the Hugging Face directory layout (random weights), as a local `encoders.weights` entry."
+    from transformers import BertConfig, BertModel, BertTokenizer
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "."]))
+    BertTokenizer(str(d / "vocab.txt")).save_pretrained(str(d))
+    BertModel(BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(str(d))
+    return d
+
+
+def test_paper_pairs_honour_encoders_weights(tmp_path):
+    "mocov3-vitb|bert-base (the paper's encoder-pair stage) builds from local weights given in encoders.weights."
+    import timm
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    ckpt = {"epoch": 300, "arch": "vit_base", "state_dict": {**{f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()},
+                                                               "module.base_encoder.head.0.weight": torch.zeros(8, 768)}}
+    torch.save(ckpt, tmp_path / "vit-b-300ep.pth.tar")
+    cfg = load_config("params.yaml", "paper")
+    weights = {"mocov3-vitb": str(tmp_path / "vit-b-300ep.pth.tar"), "bert-base": str(_fake_bert(tmp_path / "bert"))}
+    fc = for_dataset(pair_config(cfg.params.fusioner, "mocov3-vitb|bert-base"), "coco20i", weights)
+    v, t = build_encoders(fc)
+    assert v.name.startswith("mocov3-vitb+norm") and tuple(v.mean) == (0.4650, 0.4357, 0.3973)   # official COCO statistics
+    torch.testing.assert_close(v.model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert t.encode_classes(["cat"], templates="plain").shape == (1, 16)
+    with pytest.raises(Exception, match="weights"):   # without the mapping: the error says how to pass them
+        build_encoders(pair_config(cfg.params.fusioner, "mocov3-vitb|bert-base"))
+
+
+def test_openai_weights_into_gelu_model_is_an_error():
+    from ovseg.encoders import EncoderWeightsError, create_visual_encoder
+    with pytest.raises(EncoderWeightsError, match="QuickGELU.*ViT-L-14-quickgelu"):
+        create_visual_encoder("open_clip:ViT-L-14", pretrained="openai")
+
+
+def _paper_small(**kw):
+    fc = load_config("params.yaml", "paper").params.fusioner
+    return dataclasses.replace(fc, dim=16, depth=1, heads=2, decoder_channels=[16] * 4, visual_dim=0, text_dim=0, **kw)
+
+
+def test_two_optimiser_groups_resume_exactly(tmp_path):
+    "Fusion module AdamW (warm-up, cosine, wd schedule) + decoder Adam (constant): stop + resume == uninterrupted."
+    tc = load_config("params.yaml", "paper").params.train
+    tc = dataclasses.replace(tc, epochs=3, warmup_epochs=1, batch_size=8, device="cpu", precision="fp32", compile=False, log_every=1)
+    def run(out, **kw):
+        torch.manual_seed(0)
+        m = Fusioner(_paper_small(), visual=RandomVisual(24), text=HashText(12))
+        fit(m, torch.utils.data.DataLoader(_Eps(32), batch_size=8, collate_fn=collate), tc, out, **kw)
+        return m
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", stop_after=5)
+    resumed = run(tmp_path / "part", resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()): assert torch.equal(a, b), k
+    log = (tmp_path / "full" / "train_log.tsv").read_text().splitlines()
+    head, rows = log[0].split("\t"), [r.split("\t") for r in log[1:]]
+    lr, lrd = head.index("lr"), head.index("lr_decoder")
+    assert all(float(r[lrd]) == 1e-3 for r in rows)                       # decoder: constant
+    fusion = [float(r[lr]) for r in rows]                                 # fusion: warm-up to the peak, cosine towards min_lr
+    assert fusion[3] == pytest.approx(1e-3) and fusion[:4] == sorted(fusion[:4]) and fusion[3:] == sorted(fusion[3:], reverse=True)
+    assert 2e-6 < fusion[-1] < 1e-4
+    # the decoder group is plain Adam without weight decay; the rest AdamW with the cosine decay
+    opt = json.loads((tmp_path / "full" / "checkpoint" / "trainer_state.json").read_text())["optimizer"]["param_groups"]
+    dec = [g for g in opt if g.get("group") == "decoder"]
+    assert dec and all(not g["decoupled_weight_decay"] and g["weight_decay"] == 0 for g in dec)
+    assert any(g.get("group") is None and g["decay"] and g["weight_decay"] == pytest.approx(0.4) for g in opt)
+
+
+def test_no_graph_break_in_the_head():
+    "torch.compile sees the whole paper head (fusion, decoder, cosine) as one graph."
+    h = FusionHead(_paper_small(), 24, 12)
+    ex = torch._dynamo.explain(h)(torch.randn(2, 24, 4, 4), torch.randn(2, 1, 12), (56, 56))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
