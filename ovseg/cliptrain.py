@@ -19,7 +19,8 @@ from .embedded import World, WorldCaptions, _caption
 
 # %% auto #0
 __all__ = ['PREPROCESS_CFG', 'CLASS_TEMPLATES', 'clip_model_cfg', 'create_clip_model', 'clip_tokenizer', 'normalize', 'save_clip',
-           'load_clip', 'contrastive_loss', 'train_clip', 'class_embeddings', 'dense_embeddings', 'evaluate_clip']
+           'load_clip', 'object_crops', 'contrastive_loss', 'train_clip', 'class_embeddings', 'dense_embeddings',
+           'crop_scores', 'crop_accuracy', 'evaluate_clip']
 
 # %% ../nbs/06_cliptrain.ipynb #9ce6a62e
 PREPROCESS_CFG = {"size": 64, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],
@@ -78,6 +79,32 @@ def load_clip(out_dir: str | os.PathLike):
     model.ovseg_model_cfg = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]
     return model.eval(), open_clip.get_tokenizer(f"local-dir:{d}")
 
+# %% ../nbs/06_cliptrain.ipynb #e0f4fd2a
+def _objects(world: World, split: str, exclude=()) -> tuple[dict, dict]:
+    "Every object instance of a split: image index, instance slot and class (classes in `exclude` left out)."
+    arrs, _ = world.split(split).arrays()
+    img, slot = np.nonzero(arrs["instance_classes"] >= 0)
+    cls = arrs["instance_classes"][img, slot].astype(np.int64)
+    keep = ~np.isin(cls, np.asarray(list(exclude), dtype=np.int64))
+    return dict(image=img[keep], slot=slot[keep], cls=cls[keep]), arrs
+
+def _crop_objects(arrs: dict, image: np.ndarray, slot: np.ndarray, size: int, expand: float = 1.0) -> torch.Tensor:
+    "(N,3,size,size) masked crops (mean-pixel fill) of instance `slot` of each image `image`, in [0,1]."
+    from .maskgen import mask_crops, CLIP_MEAN
+    ims = torch.from_numpy(arrs["images"][image]).permute(0, 3, 1, 2).float() / 255
+    masks = torch.from_numpy(arrs["instances"][image] == (slot + 1)[:, None, None])
+    crops, _ = mask_crops(ims, masks[:, None].float(), fill=CLIP_MEAN, size=size, expand=expand)
+    return crops[:, 0].clamp(0, 1)
+
+def object_crops(world: World, split: str = "val", size: int = 64, exclude=(), expand: float = 1.0,
+                 batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Masked crops of every object of `world`'s `split`: (crops (N,3,size,size) in [0,1], classes (N,), image index (N,))."
+    o, arrs = _objects(world, split, exclude)
+    crops = [_crop_objects(arrs, o["image"][s:s + batch], o["slot"][s:s + batch], size, expand)
+             for s in range(0, len(o["cls"]), batch)]
+    crops = torch.cat(crops) if crops else torch.zeros(0, 3, size, size)
+    return crops, torch.from_numpy(o["cls"]), torch.from_numpy(o["image"])
+
 # %% ../nbs/06_cliptrain.ipynb #42e90b40
 def _train_arrays(world: World, split: str, exclude=()) -> dict:
     ds = WorldCaptions(world, split, exclude=exclude)
@@ -98,9 +125,21 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     target = torch.arange(len(img), device=img.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
+def _object_sampler(world: World, exclude, S: int):
+    "Draws `k` object crops of distinct classes with their captions (or None when off)."
+    objs, arrs = _objects(world, "train", exclude)
+    by_class = {int(c): np.nonzero(objs["cls"] == c)[0] for c in np.unique(objs["cls"])}
+    classes = np.array(sorted(by_class))
+    def draw(rng, k: int):
+        cs = rng.permutation(classes)[:k]
+        pick = np.array([rng.choice(by_class[int(c)]) for c in cs])
+        crops = _crop_objects(arrs, objs["image"][pick], objs["slot"][pick], S)
+        return crops, [_caption(rng, [int(c)], "plain", world.class_names) for c in cs]
+    return draw
+
 def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | None = None,
                out_dir: str | os.PathLike | None = None, log_every: int = 10, device: str = "cpu"):
-    "Train an embedded CLIP on `world`'s train captions; returns (model, tokenizer, history)."
+    "Train an embedded CLIP on `world`'s train captions (and object crops); returns (model, tokenizer, history)."
     g = seed_everything(seed)
     steps = ccfg.steps if steps is None else steps
     mcfg = clip_model_cfg(ccfg, world.cfg.image_size)
@@ -108,6 +147,7 @@ def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | 
     tok = clip_tokenizer(mcfg)
     exclude = world.novel_classes(ccfg.holdout_fold) if ccfg.holdout_fold >= 0 else ()
     data = _train_arrays(world, "train", exclude)
+    draw_objects = _object_sampler(world, exclude, world.cfg.image_size) if ccfg.object_crops > 0 else None
     n = len(data["images"])
     decay = [p for n_, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n_]
     rest = [p for n_, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n_)]
@@ -130,11 +170,15 @@ def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | 
             if pos + bs > n: perm, pos = torch.randperm(n, generator=g), 0
             idx = perm[pos:pos + bs]; pos += bs
         x = data["images"][idx].float().div_(255)
-        flip = torch.from_numpy(rng.random((2, bs)) < 0.5)
-        x = torch.where(flip[0].view(-1, 1, 1, 1), x.flip(3), x)
-        x = torch.where(flip[1].view(-1, 1, 1, 1), x.flip(2), x)
         caps = [_caption(rng, [int(c) for c in data["classes"][i] if c >= 0],
                          world.cfg.backgrounds[int(data["backgrounds"][i])], world.class_names) for i in idx.tolist()]
+        if draw_objects is not None:
+            crops, ocaps = draw_objects(rng, ccfg.object_crops)
+            x, caps = torch.cat([x, crops]), caps + ocaps
+        B = len(x)
+        flip = torch.from_numpy(rng.random((2, B)) < 0.5)
+        x = torch.where(flip[0].view(-1, 1, 1, 1), x.flip(3), x)
+        x = torch.where(flip[1].view(-1, 1, 1, 1), x.flip(2), x)
         img, txt, scale = model(normalize(model, x.to(device)), tok(caps).to(device))
         loss = contrastive_loss(img, txt, scale)
         opt.zero_grad(set_to_none=True)
@@ -180,9 +224,35 @@ def _topk_hit(sim: torch.Tensor, ok: torch.Tensor, k: int) -> float:
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices
     return float(ok.gather(1, top).any(1).float().mean())
 
+def _input_size(model) -> int:
+    s = model.visual.preprocess_cfg["size"]
+    return int(s if isinstance(s, int) else s[0])
+
+def crop_scores(pred: torch.Tensor, truth: torch.Tensor, world: World) -> dict:
+    """Accuracy of predicted classes `pred` against `truth` (both (N,) class ids): top-1, colour
+    right, shape right, and top-1 on each fold's novel classes (nan where a fold has none)."""
+    att = torch.tensor(world.attributes)                          # (K, 3): colour, pattern, shape
+    out = {"crop_top1": (pred == truth).float().mean(), "crop_colour": (att[pred, 0] == att[truth, 0]).float().mean(),
+           "crop_shape": (att[pred, 2] == att[truth, 2]).float().mean()}
+    for f in range(world.cfg.n_folds):
+        sel = torch.isin(truth, torch.tensor(world.novel_classes(f)))
+        out[f"crop_novel{f}"] = (pred[sel] == truth[sel]).float().mean() if sel.any() else torch.tensor(float("nan"))
+    return {k: float(v) for k, v in out.items()}
+
+@torch.no_grad()
+def crop_accuracy(model, tok, world: World, split: str = "val", batch: int = 250) -> dict:
+    """Zero-shot classification of every object's masked crop (`object_crops`, zsseg's protocol)
+    among all K class embeddings; scores from `crop_scores`, plus the number of crops."""
+    model.eval()
+    crops, truth, _ = object_crops(world, split, _input_size(model))
+    ce = class_embeddings(model, tok, world.class_names)
+    ie = torch.cat([model.encode_image(normalize(model, crops[i:i + batch]), normalize=True)
+                    for i in range(0, len(crops), batch)])
+    return {"crop_n": len(truth), **crop_scores((ie @ ce.T).argmax(1), truth, world)}
+
 @torch.no_grad()
 def evaluate_clip(model, tok, world: World, split: str = "val", n: int = 500, batch: int = 250) -> dict:
-    "Retrieval, zero-shot and dense patch metrics of `model` on `world`'s held-out split."
+    "Retrieval, zero-shot, object-crop and dense patch metrics of `model` on `world`'s held-out split."
     model.eval()
     sp = world.split(split)
     n = min(n, len(sp))
@@ -224,4 +294,5 @@ def evaluate_clip(model, tok, world: World, split: str = "val", n: int = 500, ba
     out["dense_patch_acc"] = float((patch_pred[keep] == target[keep]).float().mean())
     out["dense_patches"] = int(keep.sum())
     out["chance_class"] = 1.0 / K
+    out.update(crop_accuracy(model, tok, world, split, batch))     # every object of the split, not only the first n images
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

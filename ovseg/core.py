@@ -81,6 +81,7 @@ class ClipTrainConfig:
     weight_decay: float = 0.1
     warmup: int = 30                # linear warm-up steps, then cosine decay
     group_size: int = 1             # > 1: batches of groups sharing an object colour (hard negatives for shape)
+    object_crops: int = 0           # > 0: add this many masked object crops (distinct classes) per batch, captioned by their class
     holdout_fold: int = -1          # >= 0: drop images with this fold's novel classes from training
     eval_size: int = 500            # held-out (val) pairs used for retrieval metrics
     out_dir: str = "outputs/embedded_clip"

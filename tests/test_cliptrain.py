@@ -99,3 +99,74 @@ def test_grouped_batches_share_a_colour(world):
     cfg = ClipTrainConfig(**{**TINY.__dict__, "steps": 3, "group_size": 4})
     _, _, h = train_clip(world, cfg, seed=0, log_every=1)
     assert len(h["loss"]) == 3
+
+
+def test_object_crops_are_the_masked_crop_of_each_instance(world):
+    from ovseg.cliptrain import object_crops, PREPROCESS_CFG
+    import numpy as np
+    crops, cls, where = object_crops(world, "val", size=32)
+    arrs, _ = world.split("val").arrays()
+    k = 3; i = int(where[k])
+    slot = [m for m, c in enumerate(arrs["instance_classes"][i]) if c == int(cls[k])][0]
+    mask = arrs["instances"][i] == slot + 1
+    ys, xs = np.nonzero(mask)
+    box = np.where(mask[..., None], arrs["images"][i] / 255, PREPROCESS_CFG["mean"])[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    ref = torch.nn.functional.interpolate(torch.tensor(box, dtype=torch.float32).permute(2, 0, 1)[None], size=(32, 32),
+                                          mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    assert torch.allclose(crops[k], ref, atol=1e-4)                 # by hand: fill outside the mask, box, bicubic resize
+
+
+def test_object_crops_cover_every_instance_and_respect_exclude(world):
+    from ovseg.cliptrain import object_crops
+    import numpy as np
+    crops, cls, where = object_crops(world, "val")
+    arrs, _ = world.split("val").arrays()
+    ic = arrs["instance_classes"]
+    assert len(crops) == (ic >= 0).sum() and crops.shape[1:] == (3, 64, 64)
+    assert all(int(c) in ic[int(i)] for c, i in zip(cls, where))
+    assert 0 <= float(crops.min()) and float(crops.max()) <= 1
+    novel = world.novel_classes(0)
+    _, cls0, _ = object_crops(world, "val", exclude=novel)
+    assert not set(cls0.tolist()) & set(novel) and len(cls0) == int(np.isin(cls, novel, invert=True).sum())
+
+
+def test_crop_scores_known_answers(world):
+    from ovseg.cliptrain import crop_scores
+    truth = torch.arange(world.num_classes)
+    idx = {a: k for k, a in enumerate(world.attributes)}
+    S = len(world.cfg.shapes)
+    other_shape = torch.tensor([idx[(c, p, (s + 1) % S)] for c, p, s in world.attributes])
+    other_colour = torch.tensor([idx[((c + 1) % len(world.cfg.colours), p, s)] for c, p, s in world.attributes])
+    assert crop_scores(truth, truth, world) == pytest.approx({**{k: 1.0 for k in ("crop_top1", "crop_colour", "crop_shape")},
+                                                              **{f"crop_novel{f}": 1.0 for f in range(world.cfg.n_folds)}})
+    s = crop_scores(other_shape, truth, world)
+    assert s["crop_top1"] == 0 and s["crop_shape"] == 0 and s["crop_colour"] == 1
+    s = crop_scores(other_colour, truth, world)
+    assert s["crop_top1"] == 0 and s["crop_shape"] == 1 and s["crop_colour"] == 0
+    half = torch.where(truth % 2 == 0, truth, other_shape)
+    s = crop_scores(half, truth, world)
+    assert s["crop_top1"] == pytest.approx(0.5) and s["crop_novel0"] == pytest.approx(
+        float((torch.tensor(world.novel_classes(0)) % 2 == 0).float().mean()))
+
+
+def test_object_crop_training_and_holdout(world):
+    import numpy as np
+    from ovseg.cliptrain import _object_sampler
+    novel = world.novel_classes(1)
+    draw = _object_sampler(world, novel, 64)
+    crops, caps = draw(np.random.default_rng(0), 40)
+    assert crops.shape[0] == len(caps) == world.num_classes - len(novel)       # one crop per remaining class
+    assert not any(world.class_names[c] in cap for c in novel for cap in caps)
+    cfg = ClipTrainConfig(**{**TINY.__dict__, "steps": 3, "object_crops": 6, "holdout_fold": 1})
+    _, _, h = train_clip(world, cfg, seed=0, log_every=1)
+    assert len(h["loss"]) == 3 and all(np.isfinite(h["loss"]))
+
+
+def test_evaluate_reports_crop_accuracy(world):
+    m = create_clip_model(clip_model_cfg(TINY)).eval()
+    met = evaluate_clip(m, clip_tokenizer(clip_model_cfg(TINY)), world, n=32)
+    arrs, _ = world.split("val").arrays()
+    assert met["crop_n"] == (arrs["instance_classes"] >= 0).sum()
+    for k in ("crop_top1", "crop_colour", "crop_shape", "crop_novel0", "crop_novel3"):
+        assert 0 <= met[k] <= 1
+    assert met["crop_top1"] <= min(met["crop_colour"], met["crop_shape"])
