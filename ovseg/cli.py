@@ -13,6 +13,20 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
 def _default_model() -> str:
     return os.environ.get("OVSEG_MODEL", "outputs/embedded_clip")
 
+def _positive_int(s: str) -> int:
+    "argparse type: an integer >= 1 (checked before any work starts)."
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+def _unit_float(s: str) -> float:
+    "argparse type: a number in [0, 1]."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0.0 <= v <= 1.0: raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return v
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ovseg", description="Open-vocabulary semantic segmentation: label every pixel "
                                 "of your images with your own class names.")
@@ -31,11 +45,14 @@ def _parser() -> argparse.ArgumentParser:
                    "(open_clip_config.json) or open_clip model name for training-free dense CLIP "
                    "(default: $OVSEG_MODEL or outputs/embedded_clip)")
     s.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or local weights path")
-    s.add_argument("--background-threshold", type=float, default=None, metavar="X",
+    s.add_argument("--overwrite", action="store_true", help="replace output files that already exist in --out")
+    s.add_argument("--allow-weights-mismatch", action="store_true", help="run a checkpoint even though its frozen "
+                   "encoders' weights differ from those it was trained with (labels will differ)")
+    s.add_argument("--background-threshold", type=_unit_float, default=None, metavar="X",
                    help="pixels whose best class probability is below X are labelled 'background'")
-    s.add_argument("--window", type=int, default=448, help="sliding-window size in pixels (default 448)")
-    s.add_argument("--stride", type=int, default=224, help="sliding-window stride (default 224)")
-    s.add_argument("--short-side", type=int, default=448, help="downscale images whose short side is larger (default 448)")
+    s.add_argument("--window", type=_positive_int, default=448, help="sliding-window size in pixels (default 448)")
+    s.add_argument("--stride", type=_positive_int, default=224, help="sliding-window stride (default 224)")
+    s.add_argument("--short-side", type=_positive_int, default=448, help="downscale images whose short side is larger (default 448)")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     e = sub.add_parser("eval", help="mIoU of a model on a folder of images and label PNGs",
                        description="Score --model on IMAGES (files) against LABELS (PNG per image stem, pixel = "
@@ -44,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--classes", required=True, help="comma-separated class names in label-index order")
     e.add_argument("--model", default=None, help="as for `ovseg segment`")
     e.add_argument("--pretrained", default=None)
-    e.add_argument("--window", type=int, default=448); e.add_argument("--stride", type=int, default=224)
-    e.add_argument("--short-side", type=int, default=448)
+    e.add_argument("--allow-weights-mismatch", action="store_true", help="as for `ovseg segment`")
+    e.add_argument("--window", type=_positive_int, default=448); e.add_argument("--stride", type=_positive_int, default=224)
+    e.add_argument("--short-side", type=_positive_int, default=448)
     e.add_argument("--out", default=None, metavar="FILE", help="write the metrics as JSON here")
     t = sub.add_parser("train", help="train a Fusioner head from a params.yaml profile",
                        description="Train the Fusioner head with the settings of a params.yaml profile and save a "
@@ -56,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--fold", type=int, default=None, help="fold whose base classes to train on (default: the first "
                    "configured fold); its novel classes are held out and scored into DIR/eval.json")
     t.add_argument("--seed", type=int, default=None, help="seed (default: the settings file's seed)")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the profile's train settings)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint "
+                   "(same settings; a corrupt latest checkpoint falls back to the previous one)")
+    t.add_argument("--overwrite", action="store_true", help="start over even though --out holds another run's checkpoint")
+    t.add_argument("--steps", type=_positive_int, default=None, help=
+"optimizer steps (default: the profile's train settings)")
     t.add_argument("--dataset", default="pascal5i", choices=["pascal5i", "coco20i"],
                    help="episode dataset under the paper profile (default pascal5i; the embedded profile uses its world)")
     return p
@@ -66,11 +88,13 @@ def _error(msg: str, code: int = 2) -> int:
     return code
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    "Image files (by extension) in `folder`; other files are not inputs and are passed over quietly."
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTS)
 
 def _cmd_segment(a) -> int:
     import warnings
-    from ovseg.segment import SegmentError, load_model, parse_classes, save_result, segment
+    from ovseg.segment import SegmentError, load_model, output_names, output_paths, parse_classes, save_result, segment
     from ovseg.core import progress
     src = Path(a.input)
     if not src.exists(): return _error(f"{src} does not exist")
@@ -78,26 +102,43 @@ def _cmd_segment(a) -> int:
         warnings.simplefilter("always")
         classes = parse_classes(a.classes)
     for x in w: print(f"ovseg: warning: {x.message}", file=sys.stderr)
-    model = load_model(a.model or _default_model(), a.pretrained)
+    n_out = len(classes) + (a.background_threshold is not None)
+    if n_out > 256:
+        return _error(f"{n_out} classes (with 'background'), but a label PNG holds at most 256; split the class list")
+    out = Path(a.out)
+    if src.is_dir():
+        files = _list_images(src)
+        if not files: return _error(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) in {src}")
+        if out.resolve() == src.resolve():
+            return _error(f"--out {out} is the input folder: outputs would land among (and could replace) your "
+                          "images; choose another folder")
+    else: files = [src]
+    names = output_names(files)          # photo.jpg + photo.png -> photo_jpg_*, photo_png_*
+    existing = [p for f in files for p in output_paths(out, names[f]).values() if p.exists()]
+    if existing and not a.overwrite:
+        return _error(f"{len(existing)} output file(s) already exist in {out} (e.g. {existing[0].name}); "
+                      "pass --overwrite to replace them, or choose another --out")
+    if existing: print(f"ovseg: replacing {len(existing)} existing output file(s) in {out}", file=sys.stderr)
+    model = load_model(a.model or _default_model(), a.pretrained, allow_encoder_mismatch=a.allow_weights_mismatch)
     kw = dict(model=model, background_threshold=a.background_threshold, window=a.window, stride=a.stride,
               short_side=a.short_side)
-    out = Path(a.out)
     if src.is_file():
         r = segment(src, classes, **kw)
-        paths = save_result(r, out, src.stem)
+        paths = save_result(r, out, names[src])
         areas = ", ".join(f"{c} {v['fraction']:.1%}" for c, v in r.areas().items())
         print(f"{src}: {areas} -> {paths['overlay']}")
         return 0
-    files = _list_images(src)
-    if not files: return _error(f"no files in {src}")
     failed, done = [], 0
     for f in progress(files, desc="segment"):
         try:
             r = segment(f, classes, **kw)
         except SegmentError as e:
             failed.append((f, str(e))); continue
-        save_result(r, out, f.stem); done += 1
-    print(f"segmented {done} of {len(files)} files into {out}")
+        save_result(r, out, names[f]); done += 1
+    print(f"segmented {done} of {len(files)} images into {out}")
+    renamed = [f for f in files if names[f] != f.stem]
+    if renamed: print("images sharing a name: " + ", ".join(f"{f.name} -> {names[f]}_*" for f in renamed))
+
     if failed:
         print(f"skipped {len(failed)} unreadable file(s):", file=sys.stderr)
         for f, msg in failed: print(f"  {f}: {msg}", file=sys.stderr)
@@ -108,26 +149,40 @@ def _cmd_eval(a) -> int:
     import numpy as np
     from PIL import Image
     from ovseg.segment import SegmentError, load_model, parse_classes, segment
-    from ovseg.metrics import SemanticMetric
+    from ovseg.metrics import SemanticMetric, metrics_json
     from ovseg.core import progress
     import torch
-    classes = parse_classes(a.classes)
-    model = load_model(a.model or _default_model(), a.pretrained)
+    classes = parse_classes(a.classes, duplicates="error")   # label index <-> name must stay as given
     imgs, labs = Path(a.images), Path(a.labels)
     if not imgs.is_dir() or not labs.is_dir(): return _error("IMAGES_DIR and LABELS_DIR must be folders")
-    pairs = [(f, labs / f"{f.stem}.png") for f in _list_images(imgs) if (labs / f"{f.stem}.png").exists()]
+    files = _list_images(imgs)
+    pairs = [(f, labs / f"{f.stem}.png") for f in files if (labs / f"{f.stem}.png").exists()]
     if not pairs: return _error(f"no image in {imgs} has a label {labs}/<stem>.png")
+    if len(pairs) < len(files):
+        print(f"ovseg: warning: {len(files) - len(pairs)} image(s) have no label PNG and are not scored "
+              f"(e.g. {next(f.name for f in files if not (labs / f'{f.stem}.png').exists())})", file=sys.stderr)
+    model = load_model(a.model or _default_model(), a.pretrained, allow_encoder_mismatch=a.allow_weights_mismatch)
     metric = SemanticMetric(len(classes), class_names=classes)
+    skipped = []
     for f, lp in progress(pairs, desc="eval"):
-        r = segment(f, classes, model=model, window=a.window, stride=a.stride, short_side=a.short_side, keep_image=False)
-        lab = np.asarray(Image.open(lp)).astype(np.int64)
+        try:
+            r = segment(f, classes, model=model, window=a.window, stride=a.stride, short_side=a.short_side, keep_image=False)
+            with Image.open(lp) as im: lab = np.asarray(im).astype(np.int64)
+        except (SegmentError, OSError, SyntaxError, ValueError) as e:
+            skipped.append(f"{f.name}: {e}"); continue
         if lab.shape != r.label.shape: return _error(f"{lp} is {lab.shape}, its image {r.label.shape}")
-        metric.update(torch.from_numpy(r.label), torch.from_numpy(lab))
+        try: metric.update(torch.from_numpy(r.label.astype(np.int64)), torch.from_numpy(lab))
+        except ValueError as e: return _error(f"{lp}: {e} (classes: {len(classes)})")
     res = metric.compute()
-    summary = {"images": len(pairs), "mIoU": 100 * res["mIoU"], "pAcc": 100 * res["pAcc"],
-               "IoU": {c: (None if v != v else 100 * v) for c, v in zip(classes, res["IoU"])}}
-    print(json.dumps(summary, indent=2))
-    if a.out: Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(json.dumps(summary, indent=2))
+    summary = {"images": len(pairs) - len(skipped), "skipped": skipped, "mIoU": 100 * res["mIoU"],
+               "pAcc": 100 * res["pAcc"], "IoU": {c: 100 * v for c, v in zip(classes, res["IoU"])}}
+    text = metrics_json(summary)          # strict JSON: null, never NaN
+    print(text)
+    if a.out: Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(text)
+    if skipped:
+        print(f"ovseg: warning: {len(skipped)} of {len(pairs)} image(s) could not be read and are not scored: "
+              + "; ".join(skipped[:5]), file=sys.stderr)
+        return 1
     return 0
 
 def _cmd_train(a) -> int:
@@ -139,8 +194,17 @@ def _cmd_train(a) -> int:
         return _error("`ovseg train` is not available yet: ovseg.fusioner provides no train_from_config(cfg, out_dir). "
                       "Train with `dvc repro` (the Fusioner stages) or ovseg.train.fit in Python.")
     from ovseg.core import load_config
+    from ovseg.train import run_policy
     cfg = load_config(a.params, a.profile)
-    out = fn(cfg, a.out, fold=a.fold, seed=a.seed, steps=a.steps, dataset=a.dataset)
+    if a.resume and a.overwrite: return _error("--resume continues the run in --out, --overwrite replaces it: pass one")
+    n_folds = cfg.params.world.n_folds if cfg.profile == "embedded" else 4   # PASCAL-5i / COCO-20i: 4 folds
+    if a.fold is not None and not 0 <= a.fold < n_folds:
+        return _error(f"--fold {a.fold} does not exist: folds are 0..{n_folds - 1}")
+    ck = Path(a.out) / "checkpoint"
+    if a.resume and not (ck.exists() or ck.with_name("checkpoint.old").exists()):
+        return _error(f"nothing to resume: {ck} not found (run without --resume to start)")
+    with run_policy(resume=a.resume, overwrite=a.overwrite):
+        out = fn(cfg, a.out, fold=a.fold, seed=a.seed, steps=a.steps, dataset=a.dataset)
     ev = Path(out) / "eval.json"
     if ev.exists():
         r = json.loads(ev.read_text())
@@ -161,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"segment": _cmd_segment, "eval": _cmd_eval, "train": _cmd_train}[a.command](a)
     except (SegmentError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         return _error(str(e).splitlines()[0] if len(str(e)) > 2000 else str(e))
-    except KeyboardInterrupt:
-        return _error("interrupted", 130)
+    except KeyboardInterrupt as e:
+        from ovseg.train import Terminated
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        hint = "; continue with the same command plus --resume" if a.command == "train" else ""
+        return _error(what + hint, 143 if isinstance(e, Terminated) else 130)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'main']

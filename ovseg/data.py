@@ -19,11 +19,11 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['VOC_RAW', 'COCO_THING_IDS', 'COCO_THINGS', 'COCO_STUFF', 'COCO_STUFF_IDS', 'COCO_STUFF_UNSEEN', 'VOC_UNSEEN',
-           'ADE150', 'PC59', 'DATASETS', 'PREPARE', 'collate', 'Compose', 'Resize', 'RandomScaleCrop', 'RandomHFlip',
-           'PhotometricJitter', 'train_transform', 'window_starts', 'sliding_window', 'tta_predict',
-           'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_image', 'load_mask', 'clean_name',
-           'register_dataset', 'SegDataset', 'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject', 'ADE20K150',
-           'ADE847', 'PascalContext59', 'PascalContext459', 'splits_dir', 'pascal5i_fold_classes',
+           'ADE150', 'PC59', 'DATASETS', 'PREPARE', 'collate', 'same_size_batches', 'Compose', 'Resize',
+           'RandomScaleCrop', 'RandomHFlip', 'PhotometricJitter', 'train_transform', 'window_starts', 'sliding_window',
+           'tta_predict', 'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_image', 'load_mask',
+           'clean_name', 'register_dataset', 'SegDataset', 'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject',
+           'ADE20K150', 'ADE847', 'PascalContext59', 'PascalContext459', 'splits_dir', 'pascal5i_fold_classes',
            'coco20i_fold_classes', 'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i', 'FSS1000', 'Mosaic4',
            'list_datasets', 'create_dataset', 'Archive', 'prepare_instructions', 'prepare_dataset']
 
@@ -39,6 +39,22 @@ def collate(batch: Sequence[dict]) -> dict:
             out[k] = torch.tensor(vals)
         else: out[k] = vals
     return out
+
+# %% ../nbs/04_data.ipynb #94b1d916
+def _shapes(s: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in s.items() if isinstance(v, torch.Tensor) and v.ndim)
+
+def same_size_batches(dataset, batch_size: int):
+    """Yield (start index, samples): runs of consecutive samples whose tensors have equal shapes, at
+    most `batch_size` long, so `collate` stacks every batch even when image sizes differ."""
+    run, start = [], 0
+    for j in range(len(dataset)):
+        s = dataset[j]
+        if run and (len(run) == batch_size or _shapes(s) != _shapes(run[0])):
+            yield start, run
+            run, start = [], j
+        run.append(s)
+    if run: yield start, run
 
 # %% ../nbs/04_data.ipynb #3d2abba9
 def _resize_sample(s: dict, hw: tuple[int, int]) -> dict:
@@ -309,6 +325,7 @@ class SegDataset(torch.utils.data.Dataset):
     subdir: str = ""
     ignore_index: int = 255
     max_skip: int = 50
+    substitute_corrupt: bool | None = None   # None: only training splits replace an unreadable sample by the next
 
     def __init__(self, root="data", split: str = "val", transform: Callable | None = None):
         self.root, self.split, self.transform = Path(root), split, transform
@@ -345,12 +362,24 @@ class SegDataset(torch.utils.data.Dataset):
     def _image(self, path: Path) -> torch.Tensor:
         return load_image(_check_exists(path, self.name, self.root))
 
+    @property
+    def substitutes(self) -> bool:
+        "Whether an unreadable sample is replaced by the next readable one (training) or raises (evaluation)."
+        if self.substitute_corrupt is not None: return bool(self.substitute_corrupt)
+        return str(self.split).lower() in ("train", "trn", "training", "train_aug", "trainaug")
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self): raise IndexError(i)
         for k in range(min(self.max_skip, len(self))):
             j = (i + k) % len(self)
             try: s = self._load(self.items[j])
             except CorruptFileError as e:
+                if not self.substitutes:
+                    raise CorruptFileError(f"{self.name} {self.split} sample {i}: {e}; evaluation never scores another "
+                                           "sample in its place: repair or remove the file (training splits "
+                                           "use the next readable sample instead; dataset.substitute_corrupt = True "
+                                           "does that here too)") from None
+
                 self.skipped += 1; self.skipped_files.append(str(e))
                 warnings.warn(f"{self.name}: skipping unreadable sample ({e}); {self.skipped} skipped so far")
                 continue

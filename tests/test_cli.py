@@ -50,7 +50,7 @@ def test_class_list_messages(clipdir, imgs, tmp_path, capsys):
 def test_unknown_model(imgs, tmp_path, capsys):
     assert main(["segment", str(imgs / "a.png"), "--classes", "cat", "--model", "ViT-B-61", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "ViT-B-16" in err and "Available" in err
+    assert "ViT-B-16" in err and len(err) < 600   # the closest names, not all of open_clip's
 
 def test_eval(clipdir, imgs, tmp_path, capsys):
     labs = tmp_path / "labs"; labs.mkdir()

@@ -122,9 +122,9 @@ def test_fusioner_checkpoint(tmp_path):
     r = segment(RGB, "red, blue", model=m)
     assert r.label.shape == (40, 60)
 
-def test_unknown_model_lists_available():
+def test_unknown_model_lists_closest():
     with pytest.raises(SegmentError) as e: load_model("ViT-B-61")
-    assert "ViT-B-16" in str(e.value) and "Available" in str(e.value)
+    assert "ViT-B-16" in str(e.value) and len(str(e.value)) < 600   # the closest names, not all of open_clip's
     with pytest.raises(SegmentError, match="pretrained"): load_model("ViT-B-16")
 
 def test_visualisation(tmp_path):
