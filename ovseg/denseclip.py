@@ -112,14 +112,15 @@ def load_open_clip(spec: str, pretrained: str | None = None) -> nn.Module:
     name = spec[len("open_clip:"):] if spec.startswith("open_clip:") else spec
     p = Path(name).expanduser()
     if p.is_dir():
-        if not (p / "open_clip_config.json").exists():
-            raise FileNotFoundError(f"{p} has no open_clip_config.json (expected an open_clip model directory)")
+        from ovseg.encoders import check_open_clip_dir
+        check_open_clip_dir(p)   # open_clip alone would build random weights when the weights file is missing
         return open_clip.create_model(f"local-dir:{p}").eval()   # open_clip's reader of this layout (safetensors)
     if name not in open_clip.list_models():
         import difflib
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         raise ValueError(f"unknown open_clip model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                         + f"; available: {', '.join(open_clip.list_models())}")
+                         + f" (open_clip.list_models() lists all {len(open_clip.list_models())})")
+
     try:
         model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=bool(pretrained))
     except Exception as e:

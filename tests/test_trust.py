@@ -55,6 +55,14 @@ def test_1_open_clip_dir_without_weights_is_an_error(clip, tmp_path):
     _one_error(err, "open_clip_model.safetensors", "RANDOM")
 
 
+def test_1_dense_clip_loader_refuses_a_folder_without_weights(clip):
+    from ovseg.denseclip import load_open_clip
+    from ovseg.encoders import EncoderWeightsError
+    (clip / "open_clip_model.safetensors").unlink()
+    with pytest.raises(EncoderWeightsError, match="open_clip_model.safetensors"):
+        load_open_clip(str(clip))
+
+
 def _fusioner_ckpt(clip, out):
     import ovseg.fusioner as fz
     from ovseg.core import FusionerConfig
@@ -438,3 +446,27 @@ def test_9_label_map_in_the_smallest_dtype():
     assert segment(img, "a, b, c", model=Const()).label.dtype == np.uint8
     r = segment(img, [f"c{i}" for i in range(300)], model=Const())
     assert r.label.dtype == np.uint16 and int(r.label.max()) == 299
+
+
+# ---------------------------------------------------------------- 10. reproducibility
+
+def _tiny_clip_bytes(threads: int) -> bytes:
+    from ovseg.cliptrain import train_clip
+    from ovseg.core import ClipTrainConfig, WorldConfig
+    from ovseg.embedded import World
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = World(WorldConfig(n_train=48, n_val=8, chunk=48), seed=0)
+        ccfg = ClipTrainConfig(width=32, layers=1, head_width=16, text_width=32, text_layers=1, text_heads=2,
+                               embed_dim=32, steps=3, batch_size=16, warmup=1)
+        m, _, _ = train_clip(w, ccfg, seed=0)
+    finally: torch.set_num_threads(old)
+    return b"".join(v.contiguous().numpy().tobytes() for _, v in sorted(m.state_dict().items()))
+
+
+def test_10_same_machine_same_threads_is_byte_identical():
+    assert _tiny_clip_bytes(2) == _tiny_clip_bytes(2)
+    # the guarantee needs a pinned thread count (BLAS splits sums by thread): the default profile pins it
+    cfg = load_config("params.yaml")
+    assert cfg.params.runtime.threads > 0
