@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['FUSIONER_TEMPLATES', 'IMAGENET80_TEMPLATES', 'TEMPLATE_SETS', 'TINY_CLIP_CFG', 'VisualFeatures',
-           'EncoderWeightsError', 'weights_hash', 'FrozenEncoder', 'VisualEncoder', 'get_templates', 'TextEncoder',
-           'register_encoder', 'list_encoders', 'create_visual_encoder', 'create_text_encoder', 'create_clip',
-           'efficientnet_lite0_weights', 'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir', 'TimmVisualEncoder',
-           'check_open_clip_dir', 'OpenClipVisualEncoder', 'OpenClipTextEncoder', 'save_open_clip_dir',
-           'encoders_from_config', 'create_from_config', 'pca_rgb', 'describe_encoder', 'pca_figure']
+__all__ = ['FUSIONER_TEMPLATES', 'IMAGENET80_TEMPLATES', 'TEMPLATE_SETS', 'FUSIONER32_TEMPLATES', 'TINY_CLIP_CFG',
+           'VisualFeatures', 'EncoderWeightsError', 'weights_hash', 'FrozenEncoder', 'VisualEncoder', 'get_templates',
+           'TextEncoder', 'register_encoder', 'list_encoders', 'create_visual_encoder', 'create_text_encoder',
+           'create_clip', 'efficientnet_lite0_weights', 'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir',
+           'TimmVisualEncoder', 'check_open_clip_dir', 'OpenClipVisualEncoder', 'OpenClipTextEncoder',
+           'check_activation', 'save_open_clip_dir', 'encoders_from_config', 'create_from_config', 'pca_rgb',
+           'describe_encoder', 'pca_figure']
 
 # %% ../nbs/05_encoders.ipynb #087bc690
 @dataclass
@@ -173,6 +174,25 @@ def get_templates(templates: str | Sequence[str]) -> list[str]:
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad: raise ValueError(f"every template needs a '{{}}' placeholder; bad: {bad}")
     return templates
+
+# %% ../nbs/05_encoders.ipynb #e26ac6e3
+# the official Fusioner's 32 prompt templates (the paper recipe; chaofanma/Fusioner model/text_encoder.py): each
+# embedded and normalised, averaged, renormalised by `TextEncoder.encode_classes`. The `fusioner` set above is ovseg's own
+# 30-template set (the embedded profile's).
+FUSIONER32_TEMPLATES = [
+    "a bad photo of the {}.", "a photo of the large {}.", "a photo of the small {}.",
+    "a cropped photo of a {}.", "This is a photo of a {}", "This is a photo of a small {}",
+    "This is a photo of a medium {}", "This is a photo of a large {}", "This is a masked photo of a {}",
+    "This is a masked photo of a small {}", "This is a masked photo of a medium {}", "This is a masked photo of a large {}",
+    "This is a cropped photo of a {}", "This is a cropped photo of a small {}", "This is a cropped photo of a medium {}",
+    "This is a cropped photo of a large {}", "A photo of a {} in the scene", "a bad photo of the {} in the scene",
+    "a photo of the large {} in the scene", "a photo of the small {} in the scene", "a cropped photo of a {} in the scene",
+    "a photo of a masked {} in the scene", "There is a {} in the scene", "There is the {} in the scene",
+    "This is a {} in the scene", "This is the {} in the scene", "This is one {} in the scene",
+    "There is a masked {} in the scene", "There is the masked {} in the scene", "This is a masked {} in the scene",
+    "This is the masked {} in the scene", "This is one masked {} in the scene",
+]
+TEMPLATE_SETS["fusioner32"] = FUSIONER32_TEMPLATES
 
 # %% ../nbs/05_encoders.ipynb #2386a6ed
 class TextEncoder(FrozenEncoder):
@@ -532,6 +552,7 @@ def _load_open_clip(ident: str, pretrained: str | None, random_init: bool, seed:
     elif _is_path(ident):
         raise EncoderWeightsError(f"open_clip directory {ident} not found")
     else: name = ident
+    if not (is_dir or random_init) and pretrained: check_activation(name, str(pretrained), kw)   # before any download
     with _hub_guard(f"open_clip:{ident} ({pretrained})", hint):
         if random_init:
             with _seeded(seed): model = open_clip.create_model(name, pretrained=None, load_weights=False, **kw)
@@ -645,6 +666,25 @@ def _embedded_clip(ident="", tower="both", weights=None, **kw):
         raise EncoderWeightsError(f"embedded CLIP directory {d} not found; build it with `dvc repro` (the CLIP "
                                   "training stage) or pass weights=<dir with open_clip_config.json>")
     return _open_clip(str(d), tower=tower, **kw)
+
+# %% ../nbs/05_encoders.ipynb #10af7e6f
+def check_activation(name: str, pretrained: str, options: dict | None = None):
+    """Refuse to put the weights of open_clip tag `pretrained` into model `name` when their activations
+    differ: OpenAI's CLIPs were trained with QuickGELU, and open_clip loads them into a GELU
+    'ViT-L-14' with only a warning (the features then silently drift). A checkpoint file or a model
+    open_clip does not know is not checked."""
+    import open_clip
+    tag, cfg = open_clip.get_pretrained_cfg(name, pretrained), open_clip.get_model_config(name)
+    if not tag or cfg is None: return
+    model_q = bool((options or {}).get("force_quick_gelu")) or bool(cfg.get("quick_gelu", False))
+    tag_q = bool(tag.get("quick_gelu", False))
+    if model_q == tag_q: return
+    act = lambda q: "QuickGELU" if q else "GELU"
+    other = f"{name}-quickgelu" if tag_q else name.removesuffix("-quickgelu")
+    fix = f"open_clip:{other}" if other in open_clip.list_models() else \
+        ("force_quick_gelu=True" if tag_q else "a model without QuickGELU")
+    raise EncoderWeightsError(f"open_clip:{name} uses {act(model_q)}, but the '{pretrained}' weights were trained with "
+                              f"{act(tag_q)}; the features would be wrong. Use {fix}")
 
 # %% ../nbs/05_encoders.ipynb #38b09445
 def save_open_clip_dir(model, directory: str | os.PathLike, model_cfg: dict, preprocess_cfg: dict | None = None) -> Path:
