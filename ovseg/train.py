@@ -22,7 +22,7 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
                         pick_dtype, progress, from_dict)
 
 # %% auto #0
-__all__ = ['ARCHS', 'lr_at', 'wd_at', 'param_groups', 'dist_info', 'init_distributed', 'EpochSampler', 'register_arch',
+__all__ = ['ARCHS', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed', 'EpochSampler', 'register_arch',
            'trainable_state_dict', 'CheckpointError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained',
            'check_encoders', 'from_pretrained', 'ToyConfig', 'ToyModel', 'ToyData', 'save_checkpoint',
            'load_checkpoint', 'run_policy', 'Terminated', 'fit']
@@ -40,14 +40,41 @@ def wd_at(step: int, total: int, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, t)))
 
 # %% ../nbs/08_train.ipynb #f1325ac6
-def param_groups(model: nn.Module) -> list[dict]:
-    "Two AdamW groups: decayed (>=2-d weights) and not decayed (biases, norms, embeddings)."
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, groups: dict | None = None, steps_per_epoch: int = 1) -> list[dict]:
+    """AdamW groups: decayed (>=2-d weights) and not decayed (biases, norms, embeddings). `groups`
+    (name -> `ovseg.core.ParamGroupConfig`): parameters whose name starts with one of a group's
+    `prefixes` (first group wins) form that group, which carries its own optimiser kind, betas,
+    learning-rate and weight-decay schedules in the group dict; the rest follow the loop's settings."""
     skip = set(getattr(model, "no_decay", ()))
+    groups = groups or {}
+    buckets: dict = {name: ([], []) for name in [*groups, None]}
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
-        (no_decay if p.ndim < 2 or any(n.startswith(s) or n.endswith(s) for s in skip) else decay).append(p)
-    return [dict(params=decay, decay=True), dict(params=no_decay, decay=False, weight_decay=0.0)]
+        name = next((g for g, c in groups.items() if any(n.startswith(s) for s in c.prefixes)), None)
+        nd = p.ndim < 2 or any(n.startswith(s) or n.endswith(s) for s in skip)
+        buckets[name][1 if nd else 0].append(p)
+    out = []
+    for name, (decay, no_decay) in buckets.items():
+        if name is None:
+            out += [dict(params=decay, decay=True), dict(params=no_decay, decay=False, weight_decay=0.0)]
+            continue
+        c = groups[name]
+        if not (decay or no_decay):
+            raise ValueError(f"train.groups.{name}: no trainable parameter name starts with {c.prefixes}; "
+                             f"names look like {[n for n, _ in model.named_parameters()][:4]}")
+        own = dict(group=name, lr=c.lr, peak_lr=c.lr, min_lr=c.lr if c.schedule == "constant" else c.min_lr,
+                   warmup=c.warmup_steps + round(c.warmup_epochs * steps_per_epoch), wd_start=c.weight_decay,
+                   wd_end=c.weight_decay if c.weight_decay_end is None else c.weight_decay_end,
+                   betas=(c.beta1, c.beta2), decoupled_weight_decay=c.optimizer == "adamw")
+        out += [dict(params=decay, decay=True, weight_decay=c.weight_decay, **own),
+                dict(params=no_decay, decay=False, weight_decay=0.0, **own)]
+    return [g for g in out if g["params"] or not groups]
+
+def group_schedule(g: dict, step: int, total: int, lr: float, wd: float) -> tuple[float, float]:
+    "(lr, weight decay) of optimiser group `g` at `step`: a named group's own schedules, else the loop's `lr`/`wd`."
+    if "group" not in g: return lr, (wd if g.get("decay", True) else 0.0)
+    glr = lr_at(step, total, g["peak_lr"], g["warmup"], g["min_lr"])   # constant: min_lr == peak_lr
+    return glr, (wd_at(step, total, g["wd_start"], g["wd_end"]) if g["decay"] else 0.0)
 
 # %% ../nbs/08_train.ipynb #fcb512f3
 def dist_info() -> tuple[int, int, int]:
@@ -450,11 +477,12 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
     total = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup = tcfg.warmup_steps + round(tcfg.warmup_epochs * steps_per_epoch)
 
-    groups = param_groups(model)
+    groups = param_groups(model, tcfg.groups, steps_per_epoch)
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay,
                             fused=device.type == "cuda" or None)
     state = dict(step=0, epoch=0, batch_in_epoch=0, log=[], evals=[])
     run = _run_signature(model, tcfg, loader, world)
+    if tcfg.groups: run["groups"] = json.loads(json.dumps(dataclasses.asdict(tcfg)["groups"]))
     if not resume and is_main: _claim_checkpoint_dir(ckpt_dir, run, total, overwrite)
     if resume:
         loaded = load_checkpoint(ckpt_dir, model, opt, expect=run)
@@ -503,9 +531,7 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
                 step = state["step"]
                 lr = lr_at(step, total, tcfg.lr, warmup, tcfg.min_lr)
                 wd = wd_at(step, total, tcfg.weight_decay, tcfg.weight_decay_end)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                    g["weight_decay"] = wd if g.get("decay", True) else 0.0
+                for g in opt.param_groups: g["lr"], g["weight_decay"] = group_schedule(g, step, total, lr, wd)
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(tcfg.grad_accum):
                     batch = _to_device(next(it), device)
@@ -528,7 +554,8 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
                     el = time.time() - t0
                     state["log"].append({"step": s, "epoch": state["epoch"], "lr": lr, "wd": wd,
                                          "loss": sum(losses) / len(losses),
-                                         "images_per_s": seen * world / max(el, 1e-9)})
+                                         "images_per_s": seen * world / max(el, 1e-9),
+                                         **{f"lr_{g['group']}": g["lr"] for g in opt.param_groups if "group" in g}})
                     losses = []
                     if is_main: _write_tsv(out / "train_log.tsv", state["log"])
                 if tcfg.eval_every and s % tcfg.eval_every == 0 and s < total: evaluate()
