@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1500); ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--fold", type=int, default=0); ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-only", default=None, help="a saved zsseg model dir: skip training, score it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from ovseg.core import ClipTrainConfig, TrainConfig, load_config
@@ -46,7 +47,10 @@ def main():
     clip = create_clip(f"open_clip:{clip_dir}")
     torch.manual_seed(a.seed)
     zcfg = ZsSegConfig(clip=f"open_clip:{clip_dir}", class_names=names, unseen=novel)
-    model = ZsSeg(zcfg, backbone=backbone, clip=clip)
+    if a.eval_only:
+        from ovseg.train import from_pretrained
+        model = from_pretrained(a.eval_only, templates="embedded")
+    else: model = ZsSeg(zcfg, backbone=backbone, clip=clip)
     val = WorldSemantic(world, "val", background="ignore")
     vb = [collate([val[i] for i in range(s, min(len(val), s + 100))]) for s in range(0, len(val), 100)]
     text = model.class_embeddings(names)
@@ -64,6 +68,17 @@ def main():
            "crop_acc_seen": float(hit[~nov].sum() / tot[~nov].sum())}
     print("CLIP on ground-truth crops:", {k: round(v, 3) for k, v in pre.items()})
 
+    train_s = 0.0
+    if not a.eval_only: train_s = _train(a, model, world, backbone, out)
+    evaluate(a, model, names, novel, vb, out, pre, train_s, clip_dir)
+
+
+def _train(a, model, world, backbone, out):
+    from ovseg.core import TrainConfig
+    from ovseg.data import collate
+    from ovseg.embedded import WorldSemantic
+    from ovseg.train import fit
+    from ovseg.twostage import ZeroShotTrainView
     # training data: seen classes only, precomputed frozen taps
     train = ZeroShotTrainView(WorldSemantic(world, "train", background="ignore", fold=a.fold, novel="ignore"))
     samples = [train[i] for i in range(len(train))]
@@ -86,6 +101,12 @@ def main():
     fit(model, loader, tcfg, out / "run")
     train_s = time.time() - t1
     print(f"trained {a.steps} steps in {train_s:.0f} s")
+    return train_s
+
+
+def evaluate(a, model, names, novel, vb, out, pre, train_s, clip_dir):
+    from ovseg.maskgen import oracle_classes, oracle_masks
+    from ovseg.metrics import SemanticMetric
 
     # evaluation
     model.eval()
@@ -105,13 +126,13 @@ def main():
             rows["(e) oracle masks + CLIP"].update(model.predict_with_masks(x, names, oracle_masks(lab, len(names))), lab)
             rows["(f) predicted masks + oracle classes"].update(sem(oracle_classes(m, lab, len(names))), lab)
     res = {}
-    print(f"\nfold {a.fold} (unseen: {', '.join(names[c] for c in novel)}), val {len(val)} images, seed {a.seed}")
+    print(f"\nfold {a.fold} (unseen: {', '.join(names[c] for c in novel)}), val {sum(len(b['label']) for b in vb)} images, seed {a.seed}")
     print(f"{'row':40s} {'mIoU-S':>7s} {'mIoU-U':>7s} {'hIoU':>7s} {'pAcc':>7s}")
     for k, met in rows.items():
         r = met.compute(unseen=novel)
         res[k] = {n: float(r[n]) for n in ("mIoU_seen", "mIoU_unseen", "hIoU", "pAcc", "mIoU")}
         print(f"{k:40s} " + " ".join(f"{100 * res[k][n]:7.1f}" for n in ("mIoU_seen", "mIoU_unseen", "hIoU", "pAcc")))
-    (out / "smoke.json").write_text(json.dumps({"precondition": pre, "rows": res, "steps": a.steps, "train_seconds": train_s,
+    (out / ("smoke_eval.json" if a.eval_only else "smoke.json")).write_text(json.dumps({"precondition": pre, "rows": res, "steps": a.steps, "train_seconds": train_s,
                                                "fold": a.fold, "seed": a.seed, "clip_dir": str(clip_dir)}, indent=1))
 
 
