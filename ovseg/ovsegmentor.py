@@ -272,8 +272,8 @@ class OVSegmentor(nn.Module):
     def _features(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
         enc = self.text_encoder
-        for i in range(0, len(new), 256):
-            chunk = new[i:i + 256]
+        for i in range(len(new)):      # one string at a time: features independent of batch padding (exact resumes)
+            chunk = new[i:i + 1]
             tok = enc.tokenizer(chunk, padding=True, truncation=True, max_length=getattr(enc, "max_length", 77),
                                 return_tensors="pt").to(enc.device)
             h = enc.model(**tok).last_hidden_state.float()
@@ -376,13 +376,13 @@ class OVSegmentor(nn.Module):
         out = self.encode_image(images)
         img = F.normalize(self.img_proj(out["pooled"]), dim=-1)
         loss = info_nce(img, self.encode_text(caps), self.scale)
-        parts = {"contrast": float(loss)}
+        parts = {"contrast": float(loss.detach())}
         if self.config.mec_weight > 0:
             mec = self.mec_loss(out["tokens"], caps)
-            if mec is not None: loss = loss + self.config.mec_weight * mec; parts["mec"] = float(mec)
+            if mec is not None: loss = loss + self.config.mec_weight * mec; parts["mec"] = float(mec.detach())
         if self.config.cmc_weight > 0 and "partner" in batch:
             cmc = self.cmc_loss(out, batch["partner"], list(batch["entity"]), batch["has_partner"])
-            if cmc is not None: loss = loss + self.config.cmc_weight * cmc; parts["cmc"] = float(cmc)
+            if cmc is not None: loss = loss + self.config.cmc_weight * cmc; parts["cmc"] = float(cmc.detach())
         self.last_losses = parts
         return loss
 
