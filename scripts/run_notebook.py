@@ -59,6 +59,9 @@ def main(argv=None) -> int:
                  f"{sys.executable} (registered from another checkout?). Re-register it: {sys.executable} -m "
                  f"ipykernel install --user --name ovseg --display-name 'Python (ovseg)'")
     out = Path(a.out_dir); out.mkdir(parents=True, exist_ok=True)
+    # A DVC stage regenerates everything it writes: training runs inside it replace earlier runs
+    # (ovseg.train.fit otherwise refuses to overwrite another run's checkpoint).
+    os.environ.setdefault("OVSEG_OVERWRITE", "1")
     params = {"params_file": "params.yaml", "out_dir": str(a.out_dir)}
     params.update({k: yaml.safe_load(v) for k, v in a.parameter})
     print(f"run_notebook: {a.notebook} -> {out / Path(a.notebook).name} (kernel {a.kernel})", flush=True)
