@@ -75,6 +75,8 @@ def load_clip(out_dir: str | os.PathLike):
     if not (d / "open_clip_config.json").exists():
         raise FileNotFoundError(f"no embedded CLIP at {d} (open_clip_config.json missing); "
                                 "train one with `dvc repro embedded_clip`")
+    from ovseg.encoders import check_open_clip_dir
+    check_open_clip_dir(d)   # open_clip alone would build random weights for a folder without them
     model = open_clip.create_model(f"local-dir:{d}")
     model.ovseg_model_cfg = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]
     return model.eval(), open_clip.get_tokenizer(f"local-dir:{d}")

@@ -170,3 +170,16 @@ def test_evaluate_reports_crop_accuracy(world):
     for k in ("crop_top1", "crop_colour", "crop_shape", "crop_novel0", "crop_novel3"):
         assert 0 <= met[k] <= 1
     assert met["crop_top1"] <= min(met["crop_colour"], met["crop_shape"])
+
+
+def test_load_clip_refuses_a_folder_without_weights(tmp_path):
+    "open_clip alone would build random weights for a folder that lost its weights file."
+    import pytest
+    from ovseg.core import ClipTrainConfig
+    from ovseg.cliptrain import clip_model_cfg, create_clip_model, save_clip, load_clip
+    tiny = ClipTrainConfig(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, context_length=24)
+    d = save_clip(create_clip_model(clip_model_cfg(tiny)), tmp_path / "clip")
+    load_clip(d)
+    (d / "open_clip_model.safetensors").unlink()
+    with pytest.raises(Exception, match="open_clip_model.safetensors"):
+        load_clip(d)
