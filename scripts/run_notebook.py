@@ -24,6 +24,11 @@ from jupyter_client import AsyncKernelManager
 from traitlets.config import Config
 
 KERNEL = os.environ.get("OVSEG_KERNEL", "ovseg")
+# setup_env.sh registers the kernel inside this environment (--sys-prefix): look there first, so a
+# kernel of the same name registered by another checkout or user-wide never shadows it.
+_OWN = str(Path(sys.prefix) / "share" / "jupyter")
+if _OWN not in os.environ.get("JUPYTER_PATH", "").split(os.pathsep):
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (_OWN, os.environ.get("JUPYTER_PATH", "")) if p)
 
 class QuietShutdownKernelManager(AsyncKernelManager):
     "An AsyncKernelManager that does not SIGINT an idle kernel it is shutting down."
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     if a.kernel == "ovseg" and not same_python(spec.argv[0]):
         sys.exit(f"run_notebook: the Jupyter kernel 'ovseg' runs {spec.argv[0]}, not this environment's "
                  f"{sys.executable} (registered from another checkout?). Re-register it: {sys.executable} -m "
-                 f"ipykernel install --user --name ovseg --display-name 'Python (ovseg)'")
+                 f"ipykernel install --sys-prefix --name ovseg --display-name 'Python (ovseg)'")
     out = Path(a.out_dir); out.mkdir(parents=True, exist_ok=True)
     # A DVC stage regenerates everything it writes: training runs inside it replace earlier runs
     # (ovseg.train.fit otherwise refuses to overwrite another run's checkpoint).
