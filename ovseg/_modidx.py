@@ -677,6 +677,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'ovseg.train.fit': ('train.html#fit', 'ovseg/train.py'),
                              'ovseg.train.from_pretrained': ('train.html#from_pretrained', 'ovseg/train.py'),
                              'ovseg.train.group_schedule': ('train.html#group_schedule', 'ovseg/train.py'),
+                             'ovseg.train.import_arch': ('train.html#import_arch', 'ovseg/train.py'),
                              'ovseg.train.init_distributed': ('train.html#init_distributed', 'ovseg/train.py'),
                              'ovseg.train.load_checkpoint': ('train.html#load_checkpoint', 'ovseg/train.py'),
                              'ovseg.train.lr_at': ('train.html#lr_at', 'ovseg/train.py'),

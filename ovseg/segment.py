@@ -136,14 +136,7 @@ def available_models(outputs: str | os.PathLike = "outputs") -> list[str]:
     return found + list(open_clip.list_models())
 
 def _load_checkpoint_dir(p: Path, allow_encoder_mismatch: bool = False) -> nn.Module:
-    import importlib
-    import ovseg.denseclip   # registers 'denseclip'
-    from ovseg.train import from_pretrained
-    try: arch = json.loads((p / "config.json").read_text()).get("arch")
-    except Exception: arch = None      # from_pretrained names what is wrong with the file
-    if isinstance(arch, str) and arch.isidentifier():
-        try: importlib.import_module(f"ovseg.{arch}")   # registers the arch (e.g. ovseg.fusioner)
-        except ImportError: pass
+    from ovseg.train import from_pretrained     # imports the module that registers the saved arch
     return from_pretrained(p, allow_encoder_mismatch=allow_encoder_mismatch)
 
 def load_model(spec: Any = None, pretrained: str | None = None, residual: bool = True, mlp: bool = True,

@@ -20,10 +20,10 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
                         pick_dtype, progress, from_dict)
 
 # %% auto #0
-__all__ = ['ARCHS', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed', 'EpochSampler',
-           'register_arch', 'trainable_state_dict', 'CheckpointError', 'UnknownArchError', 'encoder_hashes',
-           'save_pretrained', 'check_encoders', 'from_pretrained', 'ToyConfig', 'ToyModel', 'ToyData',
-           'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'fit']
+__all__ = ['ARCHS', 'ARCH_MODULES', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed',
+           'EpochSampler', 'register_arch', 'import_arch', 'trainable_state_dict', 'CheckpointError',
+           'UnknownArchError', 'encoder_hashes', 'save_pretrained', 'check_encoders', 'from_pretrained', 'ToyConfig',
+           'ToyModel', 'ToyData', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
@@ -115,12 +115,30 @@ def _loader_like(loader, sampler):
 
 # %% ../nbs/08_train.ipynb #14fdde15
 ARCHS: dict[str, type] = {}
+# archs whose defining module is not `ovseg.<arch>`; from_pretrained imports it on demand
+ARCH_MODULES = {"zsseg": "ovseg.twostage"}
 
 def register_arch(name: str, cls: type | None = None):
-    "Register `cls` under `name` (usable as a decorator); sets `cls.arch = name`."
+    "Register `cls` under `name` (usable as a decorator); sets `cls.arch = name`; warns when replacing another class."
     def deco(c):
+        old = ARCHS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (c.__module__, c.__qualname__):
+            import warnings
+            warnings.warn(f"register_arch: {name!r} was {old.__module__}.{old.__qualname__}, now "
+                          f"{c.__module__}.{c.__qualname__}; saved models of that arch will load as the new class")
         ARCHS[name] = c; c.arch = name; return c
     return deco(cls) if cls is not None else deco
+
+def import_arch(arch: str) -> bool:
+    "Import the module that registers `arch` (`ARCH_MODULES`, else `ovseg.<arch>`); True if it is registered."
+    import importlib
+    if arch in ARCHS: return True
+    mod = ARCH_MODULES.get(arch) or (f"ovseg.{arch}" if isinstance(arch, str) and arch.isidentifier() else None)
+    if mod:
+        try: importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod: raise      # the module exists but one of its own imports is missing: say so
+    return arch in ARCHS
 
 def _to_jsonable(cfg):
     if dataclasses.is_dataclass(cfg): return dataclasses.asdict(cfg)
@@ -209,6 +227,7 @@ def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", all
     d = Path(directory)
     meta = _read_config_json(d)
     arch = meta.get("arch")
+    if isinstance(arch, str): import_arch(arch)      # e.g. "zsseg" registers on importing ovseg.twostage
     if arch not in ARCHS:
         raise UnknownArchError(f"unknown arch {arch!r} in {d}/config.json; registered: {sorted(ARCHS)} "
                               "(import the module that defines it, e.g. ovseg.fusioner)")

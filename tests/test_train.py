@@ -160,3 +160,29 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     m2 = from_pretrained(tmp_path / "two" / "model")
     for x, y in zip(m.parameters(), m2.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_from_pretrained_finds_archs_defined_outside_ovseg_arch(tmp_path):
+    "A fresh interpreter resolves every method's arch name to the module that registers it."
+    import subprocess, sys
+    code = ("import ovseg.train as t\n"
+            "for a in ('zsseg', 'ovsegmentor', 'fusioner', 'denseclip'): assert t.import_arch(a), a\n"
+            "assert not t.import_arch('no-such-arch')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_register_arch_warns_when_replacing_another_class():
+    import warnings
+    from ovseg.train import ARCHS, register_arch
+    class A: pass
+    class B: pass
+    try:
+        register_arch("dup-test", A)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            register_arch("dup-test", A)                       # the same class again: quiet
+            assert not w
+            register_arch("dup-test", B)
+        assert any("dup-test" in str(x.message) for x in w)
+    finally: ARCHS.pop("dup-test", None)
