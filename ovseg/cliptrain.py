@@ -92,7 +92,7 @@ def _objects(world: World, split: str, exclude=()) -> tuple[dict, dict]:
 
 def _crop_objects(arrs: dict, image: np.ndarray, slot: np.ndarray, size: int, expand: float = 1.0) -> torch.Tensor:
     "(N,3,size,size) masked crops (mean-pixel fill) of instance `slot` of each image `image`, in [0,1]."
-    from .maskgen import mask_crops, CLIP_MEAN
+    from ovseg.maskgen import mask_crops, CLIP_MEAN
     ims = torch.from_numpy(arrs["images"][image]).permute(0, 3, 1, 2).float() / 255
     masks = torch.from_numpy(arrs["instances"][image] == (slot + 1)[:, None, None])
     crops, _ = mask_crops(ims, masks[:, None].float(), fill=CLIP_MEAN, size=size, expand=expand)
