@@ -68,7 +68,7 @@ def check_command(cmd: str, parser: argparse.ArgumentParser) -> str | None:
     bad = [t.split("=")[0] for t in toks[1:] if re.match(r"\[?--?[a-zA-Z]", t)
            and t.lstrip("[").split("=")[0].rstrip("]") not in _flags(sp)]
     if bad: return f"`ovseg {sub}` has no option(s) {', '.join(b.lstrip('[') for b in bad)}"
-    synopsis = any(c in cmd for c in "[]") or "..." in cmd or re.search(r"\b[A-Z_]{3,}\b", cmd)
+    synopsis = any(c in cmd for c in "[]") or "..." in cmd or "…" in cmd or re.search(r"\b[A-Z_]{3,}\b", cmd)
     if not synopsis:
         err = io.StringIO()
         try:
