@@ -23,7 +23,8 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
 __all__ = ['ARCHS', 'ARCH_MODULES', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed',
            'EpochSampler', 'register_arch', 'import_arch', 'trainable_state_dict', 'CheckpointError',
            'UnknownArchError', 'encoder_hashes', 'save_pretrained', 'check_encoders', 'from_pretrained', 'ToyConfig',
-           'ToyModel', 'ToyData', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'fit']
+           'ToyModel', 'ToyData', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'run_provenance',
+           'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
@@ -447,6 +448,53 @@ def _write_tsv(path, rows: list[dict]):
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
+# %% ../nbs/08_train.ipynb #61630460
+def _git_state(cwd=None) -> dict:
+    "The commit of the checkout `cwd` is in and whether tracked files differ from it (None outside git)."
+    import subprocess
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    try: commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError): commit = None
+    if commit is None: return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+def _package_dir():
+    import importlib.util
+    spec = importlib.util.find_spec("ovseg")
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+def run_provenance(model: nn.Module, tcfg: TrainConfig) -> dict:
+    "What `run.json` records about a run: settings, seed, versions, git commit, machine."
+    import platform, sys
+    from importlib import metadata
+    def version(p):
+        try: return metadata.version(p)
+        except metadata.PackageNotFoundError: return None
+    cfg = getattr(model, "config", None)
+    return {"arch": getattr(type(model), "arch", type(model).__name__),
+            "model_config": _to_jsonable(cfg) if cfg is not None else None,
+            "train_config": json.loads(json.dumps(dataclasses.asdict(tcfg), default=str)),
+            "seed": tcfg.seed, "git": _git_state(_package_dir()),
+            "versions": {"python": platform.python_version(),
+                         **{p: version(p) for p in ("ovseg", "torch", "open_clip_torch", "timm", "transformers", "numpy")}},
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "torch_threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+def _record_run(out: Path, model: nn.Module, tcfg: TrainConfig, resumed_at: int | None):
+    path = out / "run.json"
+    prov = run_provenance(model, tcfg)
+    if resumed_at is not None and path.exists():
+        try: rec = json.loads(path.read_text())
+        except ValueError: rec = prov
+        rec.setdefault("resumes", []).append({"step": resumed_at, "started": prov["started"], "git": prov["git"],
+                                              "versions": prov["versions"]})
+    else: rec = prov
+    atomic_write_text(path, json.dumps(rec, indent=1))
+
 # %% ../nbs/08_train.ipynb #313a4bac
 class _LossModule(nn.Module):
     "Routes forward to `training_loss`, so DDP and torch.compile see the loss computation."
@@ -536,7 +584,9 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
 
         return m
 
-    if is_main: out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _record_run(out, model, tcfg, state["step"] if resume and state["step"] else None)
     model.train()
     bar = progress(total=total, initial=state["step"], desc="train") if is_main else _NullBar()
     done_this_call, t0, seen, losses = 0, time.time(), 0, []

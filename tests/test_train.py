@@ -186,3 +186,19 @@ def test_register_arch_warns_when_replacing_another_class():
             register_arch("dup-test", B)
         assert any("dup-test" in str(x.message) for x in w)
     finally: ARCHS.pop("dup-test", None)
+
+
+def test_run_json_records_settings_versions_commit_and_resumes(tmp_path):
+    """A run's folder tells how it was made (issue 16 item 5): settings, seed, versions, git commit."""
+    m = _model()
+    fit(m, _loader(), _cfg(seed=5, lr=3e-3), tmp_path / "r", stop_after=3)
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec["seed"] == 5 and rec["train_config"]["lr"] == 3e-3 and rec["arch"] == "toy"
+    assert rec["model_config"]["dropout"] == 0.1
+    assert rec["versions"]["torch"] == torch.__version__
+    assert set(rec["git"]) == {"commit", "dirty"}
+    assert rec["git"]["commit"] is None or len(rec["git"]["commit"]) == 40
+    assert "resumes" not in rec
+    fit(m, _loader(), _cfg(seed=5, lr=3e-3), tmp_path / "r", resume=True)
+    rec2 = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec2["started"] == rec["started"] and [r["step"] for r in rec2["resumes"]] == [3]
