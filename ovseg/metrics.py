@@ -15,7 +15,7 @@ import torch
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'harmonic_mean', 'SemanticMetric', 'reduce_zero_label', 'EpisodicMetric', 'json_safe',
-           'metrics_json']
+           'metrics_json', 'panoptic_ids', 'PanopticMetric']
 
 # %% ../nbs/02_metrics.ipynb #7d35e78b
 def _as_tensor(x) -> torch.Tensor:
@@ -235,3 +235,117 @@ def json_safe(obj):
 def metrics_json(obj, indent: int | None = 2) -> str:
     "Strict JSON text of a metrics dict: `null` where a value is undefined, never the non-standard `NaN`."
     return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+# %% ../nbs/02_metrics.ipynb #dec4497a
+def _segment_classes(classes, what: str) -> dict[int, int]:
+    "{segment id: class} from a mapping or a sequence (segment id i + 1 has class classes[i])."
+    if isinstance(classes, dict): return {int(k): int(v) for k, v in classes.items()}
+    seq = _as_tensor(classes).reshape(-1).tolist() if not isinstance(classes, (list, tuple)) else list(classes)
+    return {i + 1: int(c) for i, c in enumerate(seq)}
+
+def panoptic_ids(masks, classes) -> tuple[torch.Tensor, dict[int, int]]:
+    "(S, H, W) boolean segment masks and their (S,) classes -> an (H, W) id map (0: none; segment s has id s + 1) and {id: class}."
+    masks = _as_tensor(masks).bool()
+    cls = _as_tensor(classes).reshape(-1).tolist()
+    if masks.ndim != 3 or masks.shape[0] != len(cls):
+        raise ValueError(f"panoptic_ids needs (S, H, W) masks and S classes, got {tuple(masks.shape)} and {len(cls)}")
+    if masks.shape[0] and (masks.sum(0) > 1).any():
+        raise ValueError("segment masks overlap; a panoptic map gives each pixel at most one segment")
+    ids = (masks.long() * torch.arange(1, masks.shape[0] + 1).view(-1, 1, 1)).sum(0) if masks.shape[0] else \
+        torch.zeros(masks.shape[1:], dtype=torch.long)
+    return ids, {i + 1: int(c) for i, c in enumerate(cls)}
+
+class PanopticMetric:
+    """Streaming panoptic quality over a dataset (COCO panoptic API conventions, see above).
+
+    `update(pred_ids, pred_classes, gt_ids, gt_classes, gt_crowd=None)`: (H, W) integer id maps (0: no
+    segment / void), each segment's class as {id: class} or a sequence (id i + 1 has class seq[i]), and the
+    ground-truth crowd flags in the same form. `compute()` returns PQ/SQ/RQ over all classes, things (`_th`)
+    and stuff (`_st`), the number of classes in each average and per-class PQ (NaN: class never seen)."""
+    def __init__(self, num_classes: int, thing_classes: Sequence[int] | None = None,
+                 class_names: Sequence[str] | None = None):
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes = num_classes
+        things = range(num_classes) if thing_classes is None else [int(c) for c in thing_classes]
+        bad = [c for c in things if not 0 <= c < num_classes]
+        if bad: raise ValueError(f"thing classes {bad} are outside 0..{num_classes - 1}")
+        self.is_thing = torch.zeros(num_classes, dtype=torch.bool); self.is_thing[list(things)] = True
+        self.class_names = list(class_names) if class_names is not None else None
+        self.tp, self.fp, self.fn = (torch.zeros(num_classes, dtype=torch.int64) for _ in range(3))
+        self.iou = torch.zeros(num_classes, dtype=torch.float64)
+
+    def reset(self):
+        for t in (self.tp, self.fp, self.fn, self.iou): t.zero_()
+        return self
+
+    def _check(self, ids: torch.Tensor, cls: dict, what: str) -> tuple[list[int], list[int]]:
+        seg, area = torch.unique(ids, return_counts=True)
+        seg, area = seg.tolist(), area.tolist()
+        missing = [s for s in seg if s != 0 and s not in cls]
+        if missing: raise ValueError(f"{what} segment id {missing[0]} has no class; give every id in the map a class")
+        bad = [c for s, c in cls.items() if s in seg and not 0 <= c < self.num_classes]
+        if bad: raise ValueError(f"{what} class {bad[0]} is outside 0..{self.num_classes - 1}")
+        return seg, area
+
+    @torch.no_grad()
+    def update(self, pred_ids, pred_classes, gt_ids, gt_classes, gt_crowd=None):
+        pred, gt = _as_tensor(pred_ids).long().cpu(), _as_tensor(gt_ids).long().cpu()
+        if pred.shape != gt.shape: raise ValueError(f"prediction map {tuple(pred.shape)} != ground-truth map {tuple(gt.shape)}")
+        if (pred < 0).any() or (gt < 0).any(): raise ValueError("segment ids must be >= 0 (0: no segment / void)")
+        if pred.numel() == 0: return self
+        pc, gc = _segment_classes(pred_classes, "prediction"), _segment_classes(gt_classes, "ground truth")
+        crowd = {s for s, f in _segment_classes(gt_crowd, "crowd").items() if f} if gt_crowd is not None else set()
+        p_seg, p_area = self._check(pred, pc, "predicted"); g_seg, g_area = self._check(gt, gc, "ground-truth")
+        p_area, g_area = dict(zip(p_seg, p_area)), dict(zip(g_seg, g_area))
+        off = int(pred.max()) + 1
+        pair, n = torch.unique(gt.reshape(-1) * off + pred.reshape(-1), return_counts=True)
+        inter = {(int(k) // off, int(k) % off): int(c) for k, c in zip(pair, n)}
+        g_matched, p_matched = set(), set()
+        for (g, p), i in inter.items():
+            if g == 0 or p == 0 or g in crowd or gc[g] != pc[p]: continue
+            iou = i / (p_area[p] + g_area[g] - i - inter.get((0, p), 0))
+            if iou > 0.5:
+                self.tp[gc[g]] += 1; self.iou[gc[g]] += iou
+                g_matched.add(g); p_matched.add(p)
+        crowd_of = {}
+        for g in g_area:
+            if g == 0 or g in g_matched: continue
+            if g in crowd: crowd_of[gc[g]] = g; continue
+            self.fn[gc[g]] += 1
+        for p in p_area:
+            if p == 0 or p in p_matched: continue
+            ignored = inter.get((0, p), 0) + (inter.get((crowd_of[pc[p]], p), 0) if pc[p] in crowd_of else 0)
+            if ignored / p_area[p] > 0.5: continue
+            self.fp[pc[p]] += 1
+        return self
+
+    def merge(self, other: "PanopticMetric"):
+        "Add the counts of `other` (another process's or shard's)."
+        if other.num_classes != self.num_classes: raise ValueError("cannot merge metrics of different class counts")
+        for a, b in ((self.tp, other.tp), (self.fp, other.fp), (self.fn, other.fn), (self.iou, other.iou)): a += b
+        return self
+
+    def all_reduce(self):
+        "Sum the counts over all DDP processes (a no-op without torch.distributed)."
+        for t in (self.tp, self.fp, self.fn, self.iou): _reduce_sum_(t)
+        return self
+
+    def compute(self) -> dict:
+        tp, fp, fn, iou = self.tp.double(), self.fp.double(), self.fn.double(), self.iou
+        den = tp + 0.5 * fp + 0.5 * fn
+        seen = (self.tp + self.fp + self.fn) > 0
+        pq = torch.where(seen, iou / den.clamp(min=1e-12), torch.full_like(iou, float("nan")))
+        sq = torch.where(seen, torch.where(tp > 0, iou / tp.clamp(min=1), torch.zeros_like(iou)), torch.full_like(iou, float("nan")))
+        rq = torch.where(seen, tp / den.clamp(min=1e-12), torch.full_like(iou, float("nan")))
+        out = {}
+        for suffix, sel in (("", torch.ones_like(seen)), ("_th", self.is_thing), ("_st", ~self.is_thing)):
+            out[f"PQ{suffix}"], out[f"SQ{suffix}"], out[f"RQ{suffix}"] = _nanmean(pq[sel]), _nanmean(sq[sel]), _nanmean(rq[sel])
+            out[f"n{suffix}"] = int((seen & sel).sum())
+        out["PQ_per_class"] = pq.tolist()
+        return out
+
+    def __repr__(self):
+        r = self.compute()
+        return (f"PanopticMetric({self.num_classes} classes: PQ {100 * r['PQ']:.2f} (things {100 * r['PQ_th']:.2f}, "
+                f"stuff {100 * r['PQ_st']:.2f}), SQ {100 * r['SQ']:.2f}, RQ {100 * r['RQ']:.2f})")

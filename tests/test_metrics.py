@@ -217,3 +217,119 @@ def test_ddp_all_reduce_two_gloo_processes():
     for cm, er in results:
         assert torch.equal(cm, whole.confmat)
         assert er == ep.compute()
+
+
+# --- panoptic quality -------------------------------------------------------------------------
+
+from ovseg.metrics import PanopticMetric, panoptic_ids
+
+
+def panopticapi_reference(pairs, categories):
+    "cocodataset/panopticapi pq_compute_single_core + pq_average, transcribed with numpy (VOID = 0, OFFSET)."
+    stat = {c: dict(tp=0, fp=0, fn=0, iou=0.0) for c in categories}
+    for pan_gt, gt_segms, pan_pred, pred_segms in pairs:
+        gt_segms = {k: dict(v, area=int((pan_gt == k).sum())) for k, v in gt_segms.items()}
+        pred_segms = {k: dict(v, area=int((pan_pred == k).sum())) for k, v in pred_segms.items()}
+        OFFSET = 256 * 256 * 256
+        lab, cnt = np.unique(pan_gt.astype(np.uint64) * OFFSET + pan_pred.astype(np.uint64), return_counts=True)
+        gt_pred = {(int(l) // OFFSET, int(l) % OFFSET): int(c) for l, c in zip(lab, cnt)}
+        gt_matched, pred_matched = set(), set()
+        for (g, p), inter in gt_pred.items():
+            if g not in gt_segms or p not in pred_segms or gt_segms[g]["iscrowd"] == 1: continue
+            if gt_segms[g]["category_id"] != pred_segms[p]["category_id"]: continue
+            union = pred_segms[p]["area"] + gt_segms[g]["area"] - inter - gt_pred.get((0, p), 0)
+            if inter / union > 0.5:
+                stat[gt_segms[g]["category_id"]]["tp"] += 1; stat[gt_segms[g]["category_id"]]["iou"] += inter / union
+                gt_matched.add(g); pred_matched.add(p)
+        crowd = {}
+        for g, info in gt_segms.items():
+            if g in gt_matched or info["area"] == 0: continue
+            if info["iscrowd"] == 1: crowd[info["category_id"]] = g; continue
+            stat[info["category_id"]]["fn"] += 1
+        for p, info in pred_segms.items():
+            if p in pred_matched or info["area"] == 0: continue
+            inter = gt_pred.get((0, p), 0)
+            if info["category_id"] in crowd: inter += gt_pred.get((crowd[info["category_id"]], p), 0)
+            if inter / info["area"] > 0.5: continue
+            stat[info["category_id"]]["fp"] += 1
+    out = {}
+    for name, isthing in (("", None), ("_th", True), ("_st", False)):
+        pq = sq = rq = n = 0
+        for c, cinfo in categories.items():
+            if isthing is not None and cinfo["isthing"] != isthing: continue
+            s = stat[c]
+            if s["tp"] + s["fp"] + s["fn"] == 0: continue
+            n += 1
+            pq += s["iou"] / (s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"])
+            sq += s["iou"] / s["tp"] if s["tp"] else 0
+            rq += s["tp"] / (s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"])
+        out[f"PQ{name}"], out[f"SQ{name}"], out[f"RQ{name}"] = (pq / n, sq / n, rq / n) if n else (math.nan,) * 3
+    return out
+
+
+def test_panoptic_hand_computed_tp_fp_fn():
+    # gt: A (class 0) = top row, B (class 1) = bottom row, 4 px each.
+    # pred a (class 0) = 3 px of A + 1 px of B: IoU 3 / (4 + 4 - 3) = 0.6 > 0.5, a TP.
+    # pred b (class 1) = 1 px of A + 2 px of B: IoU 2 / (3 + 4 - 2) = 0.4, an FP of class 1; B stays an FN.
+    gt = torch.tensor([[1, 1, 1, 1], [2, 2, 2, 2]])
+    pred = torch.tensor([[1, 1, 1, 2], [1, 2, 2, 0]])
+    r = PanopticMetric(2, thing_classes=[0]).update(pred, [0, 1], gt, [0, 1]).compute()
+    assert r["PQ_per_class"] == pytest.approx([0.6, 0.0])          # 0.6 / 1; 0 / (0 + 0.5 + 0.5)
+    assert (r["PQ"], r["SQ"], r["RQ"]) == pytest.approx((0.3, 0.3, 0.5))
+    assert (r["PQ_th"], r["PQ_st"], r["n_th"], r["n_st"]) == pytest.approx((0.6, 0.0, 1, 1))
+
+
+def test_panoptic_void_leaves_the_union_and_mostly_void_predictions_are_ignored():
+    gt = torch.tensor([[1, 1, 0, 0, 0]])                   # one segment (class 0) and three void pixels
+    one = torch.tensor([[1, 1, 1, 0, 0]])                  # covers the segment + 1 void px: IoU 2/(3+2-2-1) = 1
+    r = PanopticMetric(1).update(one, [0], gt, [0]).compute()
+    assert r["PQ"] == pytest.approx(1.0)
+    two = torch.tensor([[1, 1, 2, 2, 2]])                  # segment 2 lies entirely on void: not a false positive
+    m = PanopticMetric(1).update(two, [0, 0], gt, [0])
+    assert (m.tp.item(), m.fp.item(), m.fn.item()) == (1, 0, 0)
+    half = torch.tensor([[2, 1, 1, 1, 0]])                 # pred 1: 1 px of the segment + 2 void -> ignored;
+    m = PanopticMetric(1).update(half, [0, 0], gt, [0])    # pred 2: 1 of 2 segment px, IoU 0.5 (not > 0.5): FP
+    assert (m.tp.item(), m.fp.item(), m.fn.item()) == (0, 1, 1)
+
+
+def test_panoptic_crowd_regions():
+    gt = torch.tensor([[1, 1, 2, 2, 2, 2]])                # 1: class 0; 2: crowd region of class 1
+    crowd = {1: 0, 2: 1}
+    pred = torch.tensor([[1, 1, 2, 2, 2, 3]])              # 2 (class 1) on the crowd: ignored; 3 (class 0) on it: FP
+    m = PanopticMetric(2).update(pred, {1: 0, 2: 1, 3: 0}, gt, {1: 0, 2: 1}, gt_crowd=crowd)
+    assert (m.tp.tolist(), m.fp.tolist(), m.fn.tolist()) == ([1, 0], [1, 0], [0, 0])   # the crowd is never an FN
+    r = m.compute()
+    assert r["n"] == 1 and r["PQ"] == pytest.approx(1.0 / 1.5)
+
+
+def test_panoptic_matches_the_panopticapi_transcription():
+    rng = np.random.default_rng(0)
+    cats = {0: {"isthing": True}, 1: {"isthing": True}, 2: {"isthing": False}, 3: {"isthing": False}}
+    metric, pairs = PanopticMetric(4, thing_classes=[0, 1]), []
+    for _ in range(30):
+        # blocky maps so that matches (IoU > 0.5) happen as well as misses
+        g = np.kron(rng.integers(0, 5, (3, 3)), np.ones((4, 4), np.int64))
+        p = np.where(rng.random(g.shape) < 0.8, g, rng.integers(0, 6, g.shape))
+        gseg = {int(s): {"category_id": int(rng.integers(4)), "iscrowd": int(rng.random() < 0.15)} for s in np.unique(g) if s}
+        pseg = {int(s): {"category_id": gseg[s]["category_id"] if s in gseg and rng.random() < 0.7 else int(rng.integers(4)),
+                         "iscrowd": 0} for s in np.unique(p) if s}
+        metric.update(p, {k: v["category_id"] for k, v in pseg.items()}, g, {k: v["category_id"] for k, v in gseg.items()},
+                      gt_crowd={k: bool(v["iscrowd"]) for k, v in gseg.items()})
+        pairs.append((g, gseg, p, pseg))
+    ref, ours = panopticapi_reference(pairs, cats), metric.compute()
+    assert int(metric.tp.sum()) > 5 and int(metric.fp.sum()) > 5 and int(metric.fn.sum()) > 5
+    for k, v in ref.items(): assert ours[k] == pytest.approx(v), k
+
+
+def test_panoptic_bad_input_and_merge():
+    m = PanopticMetric(3)
+    with pytest.raises(ValueError, match="segment id 2 has no class"): m.update(torch.tensor([[1, 2]]), [0], torch.tensor([[1, 1]]), [0])
+    with pytest.raises(ValueError, match="class 5 is outside"): m.update(torch.tensor([[1, 1]]), [5], torch.tensor([[1, 1]]), [0])
+    with pytest.raises(ValueError, match="!="): m.update(torch.tensor([[1]]), [0], torch.tensor([[1, 1]]), [0])
+    with pytest.raises(ValueError, match="overlap"): panoptic_ids(torch.ones(2, 2, 2, dtype=torch.bool), [0, 1])
+    a = PanopticMetric(3).update(torch.tensor([[1, 1]]), [0], torch.tensor([[1, 1]]), [0])
+    b = PanopticMetric(3).update(torch.tensor([[1, 2]]), [1, 2], torch.tensor([[1, 1]]), [1])
+    both = PanopticMetric(3).update(torch.tensor([[1, 1]]), [0], torch.tensor([[1, 1]]), [0]) \
+                            .update(torch.tensor([[1, 2]]), [1, 2], torch.tensor([[1, 1]]), [1])
+    assert a.merge(b).compute()["PQ_per_class"] == pytest.approx(both.compute()["PQ_per_class"], nan_ok=True)
+    assert math.isnan(PanopticMetric(2).compute()["PQ"])   # nothing scored: undefined, not 0
