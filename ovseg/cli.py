@@ -173,9 +173,13 @@ def _cmd_eval(a) -> int:
         if lab.shape != r.label.shape: return _error(f"{lp} is {lab.shape}, its image {r.label.shape}")
         try: metric.update(torch.from_numpy(r.label.astype(np.int64)), torch.from_numpy(lab))
         except ValueError as e: return _error(f"{lp}: {e} (classes: {len(classes)})")
-    res = metric.compute()
+    seen = getattr(model, "seen_flags", None)     # a zero-shot model (zsseg) knows which names it was trained on
+    unseen = [i for i, f in enumerate(seen(classes).tolist()) if not f] if callable(seen) else []
+    res = metric.compute(unseen=unseen or None)
     summary = {"images": len(pairs) - len(skipped), "skipped": skipped, "mIoU": 100 * res["mIoU"],
                "pAcc": 100 * res["pAcc"], "IoU": {c: 100 * v for c, v in zip(classes, res["IoU"])}}
+    if unseen:                                    # generalised zero-shot scores: seen / unseen / harmonic mean
+        summary.update({k: 100 * res[k] for k in ("mIoU_seen", "mIoU_unseen", "hIoU")}, unseen=[classes[i] for i in unseen])
     text = metrics_json(summary)          # strict JSON: null, never NaN
     print(text)
     if a.out: Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(text)

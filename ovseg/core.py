@@ -17,9 +17,9 @@ import yaml
 # %% auto #0
 __all__ = ['RANGES', 'ConfigError', 'RuntimeConfig', 'PathsConfig', 'WorldConfig', 'ClipTrainConfig', 'EncodersConfig',
            'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'SegmentConfig', 'Profile', 'Config',
-           'FisaConfig', 'FisaSettings', 'check_fisa', 'from_dict', 'check_ranges', 'load_config', 'seed_everything',
-           'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress', 'atomic_write',
-           'atomic_write_text']
+           'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig', 'ZsSegBenchmark', 'ZsSegSettings', 'check_zsseg',
+           'from_dict', 'check_ranges', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype',
+           'autocast', 'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -238,6 +238,7 @@ class Profile:
     fusioner: FusionerConfig = field(default_factory=FusionerConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     fisa: FisaSettings = field(default_factory=lambda: FisaSettings())
+    zsseg: ZsSegSettings = field(default_factory=lambda: ZsSegSettings())
 
 @dataclass
 class Config:
@@ -310,6 +311,91 @@ def check_fisa(s: FisaSettings, where: str = "fisa"):
         if not ok:
             v = getattr(m, key.split(".", 1)[1]) if key.startswith("model.") else getattr(getattr(s, key.split(".")[0]), key.split(".")[1])
             raise ConfigError(f"{where}.{key} = {v!r} must be {need}")
+
+# %% ../nbs/01_core.ipynb #25c41866
+@dataclass
+class ZsSegConfig:
+    "zsseg two-stage model (ovseg.twostage): frozen encoders by spec, proposer sizes, inference settings."
+    backbone: str = "efficientnet-lite0"    # frozen multi-scale visual encoder (paper: timm-features:resnet101d)
+    taps: list[int] = field(default_factory=lambda: [8, 16, 32])  # backbone strides the pixel decoder reads
+    decoder_stride: int = 8                 # tap the transformer decoder reads (paper: 32, res5)
+    clip: str = "embedded-clip"             # frozen CLIP, both towers (paper: open_clip:ViT-B-16)
+    weights: dict[str, str] = field(default_factory=dict)  # spec -> local weights (open_clip: pretrained tag or file)
+    head: Literal["proposals", "per_pixel"] = "proposals"  # two-stage zsseg | the one-stage per-pixel baseline (the paper's ZeroShotPerPixelModel)
+    queries: int = 16                       # Q (paper 100)
+    dim: int = 64                           # decoder width d (paper 256)
+    mask_dim: int = 64                      # mask feature / mask embedding width (paper 256)
+    layers: int = 3                         # decoder layers, each supervised (paper 6)
+    heads: int = 4                          # attention heads (paper 8)
+    ffn: int = 256                          # decoder FFN width (paper 2048)
+    dropout: float = 0.1
+    embed_hidden: int = 128                 # class-embedding MLP hidden width (paper 1024)
+    embed_layers: int = 2                   # class-embedding MLP depth
+    embed_dim: int = 0                      # joint text space width; 0 = the CLIP's (filled in when built)
+    text_width: int = 0                     # CLIP text transformer width (no-object init N(0, width^-0.5)); 0 = filled in
+    logit_scale: float = 100.0              # logits = scale * cos (query head and crops)
+    prompt: Literal["templates", "learned"] = "templates"  # text: template ensemble | CoOp context vectors
+    templates: list[str] | str = "embedded"  # "embedded": ovseg.cliptrain.class_embeddings (the embedded CLIP's
+                                            # prompts); else a template set name or list (one = single template)
+    prompt_context: int = 16                # CoOp: learned context vectors before the class name
+    class_names: list[str] = field(default_factory=list)   # training label space: label k is class_names[k]
+    unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training
+    lam: float = 0.8                        # ensemble weight λ (VOC 0.7); <= 0: CLIP on crops only
+    ensemble: bool = True                   # False: proposal classifier only (official CLIP_ENSEMBLE False)
+    mask_threshold: float = 0.5             # crops: binarise sigmoid(mask) above this
+    crop_expand: float = 1.0                # crops: box expand ratio
+    crop_size: int = 0                      # crops: side in pixels; 0 = the CLIP's input size
+    no_object_weight: float = 0.1           # CE weight of the no-object class
+    class_weight: float = 1.0               # matching cost and loss weights: CE, focal, dice
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+
+@dataclass
+class ZsSegBenchmark:
+    "One real zero-shot setting of zsseg: the dataset (its `unseen` list is the split) and the official schedule."
+    dataset: str = "voc20"                  # ovseg.data.create_dataset name (voc20: background ignored)
+    dataset_kw: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (VOC: mask_dir SegmentationClassAug)
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    lam: float = 0.7                        # official λ of this setting
+    max_steps: int = 20000                  # official iterations ...
+    batch_size: int = 16                    # ... at this batch
+    crop: int = 512                         # training crop
+    short_side: list[int] = field(default_factory=lambda: list(range(320, 961, 64)))  # random short side before the crop
+    test_short_side: int = 512              # evaluation: short side resized to this, whole image
+
+@dataclass
+class ZsSegSettings:
+    "The `zsseg` section of params.yaml: the model (`model`, saved with it), its training runs and the experiment grid."
+    model: ZsSegConfig = field(default_factory=lambda: ZsSegConfig())
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
+                                                                   weight_decay_end=1e-4, grad_clip=0.01))  # stage 1 (proposals)
+    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
+                                                                            weight_decay_end=1e-4, grad_clip=0.01))  # one-stage per-pixel baseline
+    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's folds | real: the `benchmarks` below
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    folds: list[int] = field(default_factory=lambda: [0, 1])   # world folds (each: its novel classes unseen)
+    lams: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])  # λ candidates, scored on held-out training images
+    holdout: int = 300                      # world: training images held out of stage-1 training to choose λ; 0: model.lam as given
+    benchmarks: dict[str, ZsSegBenchmark] = field(default_factory=dict)  # real: name -> setting (paper: voc, coco-stuff)
+
+def check_zsseg(s: ZsSegSettings, where: str = "zsseg"):
+    "Range checks of a `zsseg` section (types are checked by `from_dict`)."
+    m = s.model
+    checks = [("model.queries", m.queries >= 1, ">= 1"), ("model.dim", m.dim >= 1 and m.dim % m.heads == 0, f"divisible by model.heads = {m.heads}"),
+              ("model.layers", m.layers >= 1, ">= 1"), ("model.mask_threshold", 0 <= m.mask_threshold < 1, "in [0, 1)"),
+              ("model.lam", m.lam <= 1, "<= 1"), ("model.crop_expand", m.crop_expand > 0, "> 0"),
+              ("model.logit_scale", m.logit_scale > 0, "> 0"), ("train.lr", s.train.lr > 0, "> 0"),
+              ("baseline_train.lr", s.baseline_train.lr > 0, "> 0"), ("holdout", s.holdout >= 0, ">= 0"),
+              ("lams", all(l <= 1 for l in s.lams), "<= 1 each")]
+    checks += [(f"benchmarks.{n}.{k}", ok, need) for n, b in s.benchmarks.items() for k, ok, need in
+               [("lam", b.lam <= 1, "<= 1"), ("max_steps", b.max_steps >= 1, ">= 1"), ("batch_size", b.batch_size >= 1, ">= 1"),
+                ("crop", b.crop >= 1, ">= 1")]]
+    for key, ok, need in checks:
+        if not ok:
+            obj = s
+            for part in key.split("."): obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+            raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
 
 # %% ../nbs/01_core.ipynb #e591ccb8
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -410,6 +496,7 @@ def check_ranges(params: "Profile", key: str = "", source: str = "settings"):
         v = getattr(getattr(params, sec, None), name, None)
         if v is not None and not ok(v): raise ConfigError(f"{where(path)} = {v!r} must be {need}")
     check_fisa(params.fisa, f"{source}: {key + '.' if key else ''}fisa")
+    check_zsseg(params.zsseg, f"{source}: {key + '.' if key else ''}zsseg")
     f, s, w = params.fusioner, params.segment, params.world
     if f.dim % f.heads: raise ConfigError(f"{where('fusioner.dim')} = {f.dim} must be divisible by fusioner.heads = {f.heads}")
     if s.stride > s.window: raise ConfigError(f"{where('segment.stride')} = {s.stride} must be <= segment.window = {s.window}")

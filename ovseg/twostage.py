@@ -16,52 +16,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .maskgen import (HungarianMatcher, MaskProposer, SetCriterion, mask_crops, oracle_masks,
+from .maskgen import (MLP, HungarianMatcher, MaskProposer, PixelDecoder, SetCriterion, mask_crops, oracle_masks,
                            semantic_targets, two_stage_ensemble)
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['ZsSegConfig', 'paper_config', 'ZeroShotTrainView', 'PromptLearner', 'build_zsseg_encoders', 'ZsSeg']
+__all__ = ['paper_config', 'ZeroShotTrainView', 'zero_shot_data', 'PromptLearner', 'build_zsseg_encoders', 'name_key', 'ZsSeg']
 
 # %% ../nbs/10_twostage.ipynb #b3960c5c
-@dataclass
-class ZsSegConfig:
-    "zsseg two-stage model (ovseg.twostage): frozen encoders by spec, proposer sizes, inference settings."
-    backbone: str = "efficientnet-lite0"    # frozen multi-scale visual encoder (paper: timm-features:resnet101d)
-    taps: list[int] = field(default_factory=lambda: [8, 16, 32])  # backbone strides the pixel decoder reads
-    decoder_stride: int = 8                 # tap the transformer decoder reads (paper: 32, res5)
-    clip: str = "embedded-clip"             # frozen CLIP, both towers (paper: open_clip:ViT-B-16)
-    weights: dict[str, str] = field(default_factory=dict)  # spec -> local weights (open_clip: pretrained tag or file)
-    queries: int = 16                       # Q (paper 100)
-    dim: int = 64                           # decoder width d (paper 256)
-    mask_dim: int = 64                      # mask feature / mask embedding width (paper 256)
-    layers: int = 3                         # decoder layers, each supervised (paper 6)
-    heads: int = 4                          # attention heads (paper 8)
-    ffn: int = 256                          # decoder FFN width (paper 2048)
-    dropout: float = 0.1
-    embed_hidden: int = 128                 # class-embedding MLP hidden width (paper 1024)
-    embed_layers: int = 2                   # class-embedding MLP depth
-    embed_dim: int = 0                      # joint text space width; 0 = the CLIP's (filled in when built)
-    text_width: int = 0                     # CLIP text transformer width (no-object init N(0, width^-0.5)); 0 = filled in
-    logit_scale: float = 100.0              # logits = scale * cos (query head and crops)
-    prompt: Literal["templates", "learned"] = "templates"  # text: template ensemble | CoOp context vectors
-    templates: list[str] | str = "embedded"  # "embedded": ovseg.cliptrain.class_embeddings (the embedded CLIP's
-                                            # prompts); else a template set name or list (one = single template)
-    prompt_context: int = 16                # CoOp: learned context vectors before the class name
-    class_names: list[str] = field(default_factory=list)   # training label space: label k is class_names[k]
-    unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training
-    lam: float = 0.8                        # ensemble weight λ (VOC 0.7); <= 0: CLIP on crops only
-    ensemble: bool = True                   # False: proposal classifier only (official CLIP_ENSEMBLE False)
-    mask_threshold: float = 0.5             # crops: binarise sigmoid(mask) above this
-    crop_expand: float = 1.0                # crops: box expand ratio
-    crop_size: int = 0                      # crops: side in pixels; 0 = the CLIP's input size
-    no_object_weight: float = 0.1           # CE weight of the no-object class
-    class_weight: float = 1.0               # matching cost and loss weights: CE, focal, dice
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
+from .core import ZsSegBenchmark, ZsSegConfig, ZsSegSettings   # typed settings live in ovseg.core (params.yaml `zsseg`)
 
 def paper_config(dataset: Literal["voc", "coco-stuff"] = "coco-stuff", **overrides) -> ZsSegConfig:
     "The paper's architecture (R101-class backbone, CLIP ViT-B/16, Q=100, d=256, 6 layers) and λ of `dataset`."
+    if dataset not in ("voc", "coco-stuff"): raise ValueError(f"dataset must be 'voc' or 'coco-stuff', got {dataset!r}")
     cfg = ZsSegConfig(backbone="timm-features:resnet101d", taps=[4, 8, 16, 32], decoder_stride=32,
                       clip="open_clip:ViT-B-16", weights={"open_clip:ViT-B-16": "openai"}, queries=100, dim=256,
                       mask_dim=256, layers=6, heads=8, ffn=2048, embed_hidden=1024, templates=["a sculpture of a {}."],
@@ -70,11 +37,20 @@ def paper_config(dataset: Literal["voc", "coco-stuff"] = "coco-stuff", **overrid
 
 # %% ../nbs/10_twostage.ipynb #4493c976
 class ZeroShotTrainView(torch.utils.data.Dataset):
-    "A semantic dataset with the labels of `unseen` classes set to 255 and images without a labelled pixel dropped."
+    """A semantic dataset with the labels of `unseen` classes set to 255 and the images left without a labelled pixel
+    dropped (decided on the full, untransformed label, as the official data preparation does)."""
     def __init__(self, dataset, unseen: Sequence[int] = (), ignore_index: int = 255):
         self.dataset, self.unseen, self.ignore_index = dataset, sorted(int(c) for c in unseen), ignore_index
         self.class_names = getattr(dataset, "class_names", None)
-        self.index = [i for i in range(len(dataset)) if (self._label(dataset[i]["label"]) != ignore_index).any()]
+        self.index = [i for i in range(len(dataset)) if (self._label(self._full_label(i)) != ignore_index).any()]
+
+    def _full_label(self, i: int) -> torch.Tensor:
+        "The label of item i without loading its image or running the dataset's transform (real layouts)."
+        from ovseg.data import SemanticDataset
+        d = self.dataset
+        if isinstance(d, SemanticDataset): return d._label(d.items[i][1], d.lut)
+        return d[i]["label"]
+
     def _label(self, label: torch.Tensor) -> torch.Tensor:
         if not self.unseen: return label
         return torch.where(torch.isin(label, torch.tensor(self.unseen, dtype=label.dtype)),
@@ -83,6 +59,21 @@ class ZeroShotTrainView(torch.utils.data.Dataset):
     def __getitem__(self, k):
         s = dict(self.dataset[self.index[k]]); s["label"] = self._label(s["label"])
         return s
+
+def zero_shot_data(bench: ZsSegBenchmark, root="data", augment: bool = True):
+    """A real zero-shot setting (`ZsSegBenchmark`): the training view (the dataset's `unseen` classes -> 255, images
+    left unlabelled dropped; random short side in `bench.short_side`, `bench.crop` crop, flip, jitter), the evaluation
+    split (every class), the class names and the unseen indices."""
+    from ovseg.data import create_dataset, train_transform
+    tf = None
+    if augment:
+        lo, hi = min(bench.short_side), max(bench.short_side)
+        tf = train_transform(bench.crop, (lo / bench.test_short_side, hi / bench.test_short_side), base_size=bench.test_short_side)
+    train = create_dataset(bench.dataset, root, bench.train_split, transform=tf, **bench.dataset_kw)
+    unseen = list(getattr(train, "unseen", None) or [])
+    if not unseen: raise ValueError(f"dataset {bench.dataset!r} defines no unseen classes; zsseg's zero-shot settings are voc20 and coco_stuff171")
+    val = create_dataset(bench.dataset, root, bench.val_split, **bench.dataset_kw)
+    return ZeroShotTrainView(train, unseen), val, list(train.class_names), unseen
 
 # %% ../nbs/10_twostage.ipynb #96a4b33d
 def _text_tower(text_encoder):
@@ -139,14 +130,20 @@ def build_zsseg_encoders(config: ZsSegConfig, backbone=None, clip=None):
     if clip is None: clip = create_clip(config.clip, **_spec_kwargs(config.clip, config.weights))
     return backbone, tuple(clip)
 
-def _check_names(class_names: Sequence[str]) -> list[str]:
+def name_key(name: str) -> str:
+    "How class names are compared: case and runs of white space do not count ('Red  Circle' is 'red circle')."
+    return " ".join(str(name).split()).casefold()
+
+def _check_names(class_names: Sequence[str], what: str = "class_names") -> list[str]:
     names = [class_names] if isinstance(class_names, str) else list(class_names)
-    if not names: raise ValueError("class_names is empty; pass at least one class name")
+    if not names: raise ValueError(f"{what} is empty; pass at least one class name")
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
-        if n in seen: raise ValueError(f"class_names repeats {n!r} (positions {seen[n]} and {i}); pass each class once, "
-                                       "otherwise the two copies split its probability")
-        seen[n] = i
+        if not isinstance(n, str) or not n.strip(): raise ValueError(f"{what}[{i}] = {n!r} is not a class name")
+        k = name_key(n)
+        if k in seen: raise ValueError(f"{what} repeats {n!r} (positions {seen[k]} and {i}, as {names[seen[k]]!r}); pass "
+                                       "each class once, otherwise the two copies split its probability")
+        seen[k] = i
     return names
 
 @register_arch("zsseg")
@@ -172,9 +169,17 @@ class ZsSeg(nn.Module):
             raise ValueError(f"embed_dim {config.embed_dim} differs from the CLIP's joint space ({clip_text.dim})")
         bad = [u for u in config.unseen if not 0 <= u < len(config.class_names)]
         if bad: raise ValueError(f"unseen indices {bad} are outside class_names (0..{len(config.class_names) - 1})")
-        self.proposer = MaskProposer(channels, config.decoder_stride, config.dim, config.mask_dim, config.queries,
-                                     config.layers, config.heads, config.ffn, config.dropout, config.embed_dim,
-                                     config.embed_hidden, config.embed_layers)
+        if config.class_names: _check_names(config.class_names, "config.class_names")
+        if config.head == "proposals" and config.queries < 1:
+            raise ValueError(f"queries = {config.queries}: the proposal head needs at least one query")
+        if config.head == "per_pixel":                # the one-stage baseline: per-pixel embeddings, no proposals
+            self.proposer = None
+            self.pixel_decoder = PixelDecoder(channels, config.dim, config.mask_dim)
+            self.pixel_embed = MLP(config.mask_dim, config.embed_hidden, config.embed_dim, config.embed_layers)
+        else:
+            self.proposer = MaskProposer(channels, config.decoder_stride, config.dim, config.mask_dim, config.queries,
+                                         config.layers, config.heads, config.ffn, config.dropout, config.embed_dim,
+                                         config.embed_hidden, config.embed_layers)
         self.no_object = nn.Parameter(torch.randn(1, config.embed_dim) * tw ** -0.5)
         self.criterion = SetCriterion(HungarianMatcher(config.class_weight, config.focal_weight, config.dice_weight),
                                       config.no_object_weight, config.class_weight, config.focal_weight, config.dice_weight)
@@ -188,7 +193,7 @@ class ZsSeg(nn.Module):
         return {"backbone": self.backbone, "clip": self.clip_visual}
 
     @property
-    def device(self) -> torch.device: return self.no_object.device
+    def device(self) -> torch.device: return self.no_object.device     # every head has it (per_pixel: unused)
 
     # --- text ---------------------------------------------------------------------------------
     @property
@@ -198,9 +203,9 @@ class ZsSeg(nn.Module):
         return [n for i, n in enumerate(self.config.class_names) if i not in held]
 
     def seen_flags(self, names: Sequence[str]) -> torch.Tensor:
-        "(K,) bool: which of `names` were seen in training (trust the proposal classifier on them)."
-        seen = set(self.seen_classes)
-        return torch.tensor([n in seen for n in names], dtype=torch.bool)
+        "(K,) bool: which of `names` were seen in training (trust the proposal classifier on them); compared by `name_key`."
+        seen = {name_key(n) for n in self.seen_classes}
+        return torch.tensor([name_key(n) in seen for n in names], dtype=torch.bool)
 
     def class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
         "(K, D) L2-normalised CLIP text embeddings (template ensemble, cached per name; or learned prompts)."
@@ -236,15 +241,27 @@ class ZsSeg(nn.Module):
         x[..., :H, :W] = images01
         return x
 
+    def _need(self, head: str, what: str):
+        if self.config.head != head: raise ValueError(f"{what} needs a model with head={head!r}; this one has head={self.config.head!r}")
+
     @torch.no_grad()
-    def proposals(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Final-layer query embeddings (B, Q, D) and mask logits (B, Q, H, W) at the image resolution."
+    def proposals(self, images01: torch.Tensor, taps: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-layer query embeddings (B, Q, D) and mask logits (B, Q, H, W) at the image resolution.
+        `taps`: the backbone's precomputed taps of `images01` (sides multiples of the largest tap stride)."""
+        self._need("proposals", "proposals")
         images01 = images01.to(self.device).float()
         H, W = images01.shape[-2:]
         x = self._pad(images01)
-        out = self.proposer(self._taps({"image": x}))
+        if taps is not None and x.shape[-2:] != (H, W): raise ValueError(f"precomputed taps need image sides that are multiples of {max(self.config.taps)}, got {H}x{W}")
+        out = self.proposer(self._taps({"image": x, **({f"tap_{s}": t for s, t in taps.items()} if taps else {})}))
         masks = F.interpolate(out["masks"][-1], size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :H, :W]
         return out["embeddings"][-1], masks
+
+    def pixel_logits(self, batch, text: torch.Tensor) -> torch.Tensor:
+        "One-stage baseline: scale · cos of per-pixel embeddings (stride 4) and `text` (K, D) -> (B, K, H/4, W/4)."
+        self._need("per_pixel", "pixel_logits")
+        emb = F.normalize(self.pixel_embed(self.pixel_decoder(self._taps(batch)).permute(0, 2, 3, 1)).float(), dim=-1)
+        return self.config.logit_scale * torch.einsum("bhwd,kd->bkhw", emb, F.normalize(text.float(), dim=-1))
 
     # --- stage 2 ------------------------------------------------------------------------------
     @property
@@ -281,8 +298,13 @@ class ZsSeg(nn.Module):
             c = int(label[mapped < 0][0])
             raise ValueError(f"training label holds unseen class {c} ({names[c]!r}); zero-shot training must ignore it: "
                              "use WorldSemantic(..., novel='ignore') or ZeroShotTrainView(dataset, unseen)")
-        out = self.proposer(self._taps(batch))
         with torch.no_grad(): text = self.class_embeddings(self.seen_classes)
+        if self.config.head == "per_pixel":           # CE over the seen classes on every labelled pixel
+            logits = F.interpolate(self.pixel_logits(batch, text), size=label.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, mapped, ignore_index=255) if (mapped != 255).any() else logits.sum() * 0.0
+            self.last_losses = {"ce": float(loss.detach())}
+            return loss
+        out = self.proposer(self._taps(batch))
         loss, self.last_losses = self.criterion(self.query_logits(out["embeddings"], text), out["masks"],
                                                 semantic_targets(mapped))
         return loss
@@ -306,6 +328,11 @@ class ZsSeg(nn.Module):
         names = _check_names(class_names)
         if images01.ndim == 3: images01 = images01[None]
         images01 = images01.to(self.device).float()
+        if self.config.head == "per_pixel":           # log-softmax over the given names (no proposals, no λ)
+            H, W = images01.shape[-2:]
+            x = self._pad(images01)
+            logits = self.pixel_logits({"image": x}, self.class_embeddings(names))
+            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :H, :W].log_softmax(1)
         if lam == "config": lam = self.config.lam if self.config.ensemble else None
         emb, masks = self.proposals(images01)
         p = self.class_probs(images01, names, lam, emb, masks)

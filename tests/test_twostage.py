@@ -188,3 +188,157 @@ def test_paper_config_is_the_paper():
     assert (c.queries, c.dim, c.layers, c.heads, c.ffn, c.embed_hidden, c.decoder_stride) == (100, 256, 6, 8, 2048, 1024, 32)
     assert c.backbone == "timm-features:resnet101d" and c.clip == "open_clip:ViT-B-16" and c.lam == 0.8
     assert paper_config("voc").lam == 0.7 and paper_config("voc", queries=50).queries == 50
+
+
+def test_per_pixel_baseline(clipdir, world, tmp_path):
+    "head='per_pixel': the paper's one-stage baseline trains on seen pixels, predicts a distribution, saves and loads."
+    from ovseg.train import from_pretrained, save_pretrained
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world, head="per_pixel"))
+    assert model.proposer is None
+    batch = _batch(world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model.training_loss(batch); opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    # the loss is CE over the seen classes only: a hand computation on the mapped labels agrees
+    model.eval()
+    seen = model.seen_classes
+    text = model.class_embeddings(seen)
+    logits = torch.nn.functional.interpolate(model.pixel_logits(batch, text), size=(64, 64), mode="bilinear", align_corners=False)
+    lut = {c: i for i, c in enumerate(c for c in range(30) if c not in world.novel_classes(0))}
+    mapped = batch["label"].clone().apply_(lambda v: lut.get(v, 255))
+    assert torch.allclose(model.training_loss(batch), torch.nn.functional.cross_entropy(logits, mapped, ignore_index=255), atol=1e-5)
+    names = world.class_names[:7]
+    out = model.predict(batch["image"][:2], names)
+    assert out.shape == (2, 7, 64, 64) and torch.allclose(out.exp().sum(1), torch.ones(2, 64, 64), atol=1e-4)
+    assert model.predict(torch.rand(1, 3, 40, 50), names).shape == (1, 7, 40, 50)
+    with pytest.raises(ValueError, match="head='proposals'"): model.proposals(batch["image"][:1])
+    save_pretrained(model, tmp_path / "fcn")
+    back = from_pretrained(tmp_path / "fcn")
+    assert back.config.head == "per_pixel" and torch.allclose(back.predict(batch["image"][:2], names), out, atol=1e-5)
+    # an all-ignored batch gives a zero loss, not NaN
+    assert model.train().training_loss(dict(batch, label=torch.full_like(batch["label"], 255))).item() == 0.0
+
+
+def test_class_names_compared_ignoring_case_and_spacing(clipdir, world):
+    model = ZsSeg(_cfg(clipdir, world)).eval()
+    seen, novel = model.seen_classes[0], world.class_names[world.novel_classes(0)[0]]
+    # a training class written differently is still a training class (the ensemble trusts the query head on it)
+    assert model.seen_flags([seen.upper(), f"  {seen}  ".replace(" ", "  "), novel.title()]).tolist() == [True, True, False]
+    x = _batch(world, 1)["image"]
+    with pytest.raises(ValueError, match="repeats"): model.predict(x, [seen, seen.upper()])
+    with pytest.raises(ValueError, match="not a class name"): model.predict(x, [seen, "  "])
+    with pytest.raises(ValueError, match="config.class_names repeats"):
+        ZsSeg(_cfg(clipdir, world, class_names=["red circle", "Red Circle"], unseen=[]))
+    with pytest.raises(ValueError, match="at least one query"): ZsSeg(_cfg(clipdir, world, queries=0))
+
+
+def test_proposals_from_precomputed_taps(clipdir, world):
+    model = ZsSeg(_cfg(clipdir, world)).eval()
+    x = _batch(world, 2)["image"]
+    emb, masks = model.proposals(x)
+    emb2, masks2 = model.proposals(x, taps=model.backbone(x).taps)
+    assert torch.allclose(emb, emb2, atol=1e-6) and torch.allclose(masks, masks2, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 32"): model.proposals(torch.rand(1, 3, 50, 50), taps=model.backbone(x).taps)
+
+
+def _save_world_folder(world, root, n=3):
+    "n val images of the world as PNG files and their label PNGs (255 = background, ignored)."
+    import numpy as np
+    from PIL import Image
+    val = WorldSemantic(world, "val", background="ignore")
+    (root / "img").mkdir(parents=True); (root / "lab").mkdir()
+    for i in range(n):
+        s = val[i]
+        Image.fromarray((s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(root / "img" / f"v{i}.png")
+        Image.fromarray(s["label"].numpy().astype(np.uint8), "L").save(root / "lab" / f"v{i}.png")
+    return root / "img", root / "lab"
+
+
+def test_segment_and_cli_with_a_saved_zsseg(clipdir, world, tmp_path, capsys):
+    "ovseg.segment, `ovseg segment --model DIR` and `ovseg eval --model DIR` run a saved zsseg model with its λ."
+    import json
+    from ovseg.cli import main
+    from ovseg.segment import segment
+    from ovseg.train import save_pretrained
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world, lam=0.6, mask_threshold=0.4)).eval()
+    save_pretrained(model, tmp_path / "zs")
+    saved = json.loads((tmp_path / "zs" / "config.json").read_text())["config"]
+    assert saved["lam"] == 0.6 and saved["mask_threshold"] == 0.4 and saved["unseen"] == world.novel_classes(0)
+    imgs, labs = _save_world_folder(world, tmp_path)
+    names = list(world.class_names)
+    r = segment(imgs / "v0.png", names, model=str(tmp_path / "zs"))
+    want = model.predict(WorldSemantic(world, "val", background="ignore")[0]["image"], names)[0].argmax(0)
+    assert r.label.shape == (64, 64) and r.classes == names
+    assert (torch.from_numpy(r.label.astype("int64")) == want).float().mean() > 0.99   # PNG round trip of the image only
+    assert main(["segment", str(imgs / "v1.png"), "--classes", ", ".join(names[:5]), "--model", str(tmp_path / "zs"),
+                 "--out", str(tmp_path / "seg")]) == 0
+    assert (tmp_path / "seg" / "v1_label.png").exists()
+    capsys.readouterr()
+    assert main(["eval", str(imgs), str(labs), "--classes", ", ".join(names), "--model", str(tmp_path / "zs"),
+                 "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["images"] == 3 and 0 <= m["pAcc"] <= 100
+    assert sorted(m["unseen"]) == sorted(names[c] for c in world.novel_classes(0))   # seen / unseen scores for zero-shot models
+    assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(m)
+
+
+def test_params_zsseg_sections():
+    "params.yaml: the embedded block builds the model it names; the paper block is the paper's (VOC 15/5, COCO-Stuff 156/15)."
+    from ovseg.core import load_config
+    emb = load_config("params.yaml", "embedded").params.zsseg
+    assert emb.benchmark == "world" and len(emb.seeds) >= 3 and emb.holdout > 0 and 0 < emb.model.mask_threshold < 1
+    assert emb.model.head == "proposals" and emb.model.lam in emb.lams
+    pap = load_config("params.yaml", "paper").params.zsseg
+    assert pap.benchmark == "real" and set(pap.benchmarks) == {"voc", "coco-stuff"}
+    assert pap.model == paper_config("voc")
+    voc, coco = pap.benchmarks["voc"], pap.benchmarks["coco-stuff"]
+    assert (voc.dataset, voc.train_split, voc.dataset_kw, voc.lam, voc.max_steps, voc.batch_size, voc.crop) == \
+        ("voc20", "train_aug", {"mask_dir": "SegmentationClassAug"}, 0.7, 20000, 16, 512)
+    assert (coco.dataset, coco.lam, coco.max_steps, coco.batch_size, coco.crop, coco.test_short_side) == \
+        ("coco_stuff171", 0.8, 60000, 32, 640, 640)
+    t = pap.train
+    assert (t.lr, t.weight_decay, t.grad_clip) == (1e-4, 1e-4, 0.01)
+
+
+def test_zero_shot_data_on_real_layouts(tmp_path):
+    "VOC 15/5 and COCO-Stuff 156/15 from fixtures in the real layouts: unseen -> 255, unlabelled images dropped."
+    import numpy as np
+    from PIL import Image
+    from ovseg.core import ZsSegBenchmark
+    from ovseg.twostage import zero_shot_data
+    def save(path, arr, img=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(arr, np.uint8), "RGB" if img else "L").save(path)
+    # VOC: raw 0 background, 1..20 classes (16 pottedplant, 17 sheep, 18 sofa, 19 train, 20 tvmonitor are unseen)
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    labels = {"a": [1, 16], "b": [0, 17], "c": [0, 255], "d": [5, 5]}
+    for k, vals in labels.items():
+        save(voc / "JPEGImages" / f"{k}.jpg", np.full((8, 8, 3), 100), img=True)
+        save(voc / "SegmentationClassAug" / f"{k}.png", np.resize(np.array(vals), (8, 8)))
+    (voc / "ImageSets/Segmentation").mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/train_aug.txt").write_text("a\nb\nc\nd\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
+    bench = ZsSegBenchmark(dataset="voc20", dataset_kw={"mask_dir": "SegmentationClassAug"}, crop=8, short_side=[8, 16],
+                           test_short_side=8)
+    train, val, names, unseen = zero_shot_data(bench, tmp_path)
+    assert len(names) == 20 and [names[u] for u in unseen] == ["potted plant", "sheep", "sofa", "train", "tv monitor"]
+    assert [train.dataset.items[i][2] for i in train.index] == ["a", "d"]            # b: only unseen + background, c: nothing
+    a = zero_shot_data(bench, tmp_path, augment=False)[0][0]["label"]
+    assert sorted(a.unique().tolist()) == [0, 255]                                     # aeroplane kept, pottedplant ignored
+    assert train[0]["image"].shape == (3, 8, 8) and len(val) == 2
+    assert sorted(val[0]["label"].unique().tolist()) == [0, 15]                        # evaluation keeps the unseen class
+    # COCO-Stuff: raw = COCO id - 1; 20 = cow (unseen), 0 = person, 171 = wall-concrete (unseen)
+    c = tmp_path / "coco"
+    for split in ("train2017", "val2017"):
+        for k, vals in {"1": [0, 20], "2": [20, 171], "3": [255, 255]}.items():
+            save(c / split / f"{k}.jpg", np.full((8, 8, 3), 50), img=True)
+            save(c / "stuffthingmaps" / split / f"{k}.png", np.resize(np.array(vals), (8, 8)))
+    cb = ZsSegBenchmark(dataset="coco_stuff171", train_split="train", crop=8, short_side=[8], test_short_side=8)
+    train, val, names, unseen = zero_shot_data(cb, tmp_path, augment=False)
+    assert len(names) == 171 and len(unseen) == 15 and len(names) - len(unseen) == 156
+    assert [train.dataset.items[i][2] for i in train.index] == ["1"]
+    assert sorted(train[0]["label"].unique().tolist()) == [0, 255] and len(val) == 3
