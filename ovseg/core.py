@@ -15,11 +15,12 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['RANGES', 'ConfigError', 'RuntimeConfig', 'PathsConfig', 'WorldConfig', 'ClipTrainConfig', 'EncodersConfig',
-           'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'SegmentConfig', 'Profile', 'Config',
-           'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig', 'ZsSegBenchmark', 'ZsSegSettings', 'check_zsseg',
-           'from_dict', 'check_ranges', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype',
-           'autocast', 'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
+__all__ = ['OVSEG_SETTINGS', 'RANGES', 'ConfigError', 'RuntimeConfig', 'PathsConfig', 'WorldConfig', 'ClipTrainConfig',
+           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'SegmentConfig',
+           'Profile', 'Config', 'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig', 'ZsSegBenchmark',
+           'ZsSegSettings', 'check_zsseg', 'OVSegmentorConfig', 'OVSegmentorSettings', 'check_ovsegmentor', 'from_dict',
+           'check_ranges', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast',
+           'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -239,6 +240,7 @@ class Profile:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     fisa: FisaSettings = field(default_factory=lambda: FisaSettings())
     zsseg: ZsSegSettings = field(default_factory=lambda: ZsSegSettings())
+    ovsegmentor: OVSegmentorSettings = field(default_factory=lambda: OVSegmentorSettings())
 
 @dataclass
 class Config:
@@ -397,6 +399,110 @@ def check_zsseg(s: ZsSegSettings, where: str = "zsseg"):
             for part in key.split("."): obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
             raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
 
+# %% ../nbs/01_core.ipynb #c9e2f117
+@dataclass
+class OVSegmentorConfig:
+    "OVSegmentor (ovseg.ovsegmentor): GroupViT sizes, frozen text encoder, losses, inference rules; saved with the model."
+    image_size: int = 64                    # training input side (pos-embed grid; paper 224)
+    patch_size: int = 8                     # paper 16
+    width: int = 96                         # paper 768
+    heads: int = 3                          # paper 8
+    depths: list[int] = field(default_factory=lambda: [2, 2])   # blocks before / after grouping (paper [6, 6])
+    group_tokens: int = 16                  # learned group tokens in stage 1 (paper 64)
+    groups: int = 8                         # segment tokens after grouping (paper 8)
+    token_ratio: float = 0.5                # token-mixing MLP hidden = token_ratio * width
+    drop_path: float = 0.0                  # paper 0.1
+    gumbel_tau: float = 1.0
+    assign_eps: float = 1.0
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # input normalisation (CLIP's; DINO: ImageNet's)
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    text: str = "minilm"                    # frozen text encoder spec (ovseg.encoders; paper "bert-base")
+    text_weights: str = ""                  # local weights dir for `text` ("" = its default)
+    text_pooling: Literal["mean", "cls"] = "mean"   # caption embedding: mean over tokens | [CLS] (official)
+    embed_dim: int = 64                     # joint space (paper 256)
+    proj_hidden: int = 256                  # ProjectMLP hidden width (paper 4096)
+    logit_scale_init: float = 1 / 0.07      # learned temperature, exp(logit_scale) clamped at 100
+    vocabulary: list[str] = field(default_factory=list)   # entity phrases for MEC / CMC (paper: 73 nouns; embedded: the world's classes)
+    answer_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # MEC answer prefixes, one drawn per caption (official: ImageNet templates)
+    mec_weight: float = 1.0                 # masked entity completion (0: off)
+    cmc_weight: float = 0.0                 # cross-image mask consistency (stage 2: 0.1; > 0 adds the momentum encoder)
+    momentum: float = 0.99                  # EMA of the momentum image encoder, after every optimiser step
+    cross_threshold: float = 0.6            # CMC target: sigmoid mask binarised at this fraction of its max
+    group_ratio: float = 0.5                # CMC: this fraction of A's groups least like the entity is detached
+    entity_prompt: str = "a photo of a {}."  # CMC: the entity's text for choosing the detached groups
+    class_template: str = "a photo of a {}."   # inference class prompt(s), ";"-separated for several
+    topk: int = 5                           # inference: the image-level filter keeps this many classes (0: off)
+    bg_thresh: float = 0.95                 # background when max score < min(bg_thresh, max group affinity)
+    window: int = 0                         # sliding-window side in pixels (0: whole image; paper 448)
+    stride: int = 0                         # sliding-window stride (paper 224)
+
+@dataclass
+class OVSegmentorSettings:
+    "The `ovsegmentor` section of params.yaml: the model (`model`, saved with it), its two training stages, threshold choice, the experiment grid."
+    model: OVSegmentorConfig = field(default_factory=lambda: OVSegmentorConfig())
+    init: str = "embedded-clip"             # GroupViT blocks from: embedded-clip (outputs/embedded_clip) | random | a visual encoder spec
+                                            # (dino-vitb16; weights from encoders.weights) | a ViT state-dict file or open_clip folder
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, batch_size=64, lr=2e-3, min_lr=5e-4, warmup_steps=15,
+                                                                    weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # contrast (+ MEC)
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, batch_size=32, lr=3e-5, min_lr=3e-6,
+                                                                    weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # + CMC (momentum encoder)
+    cmc_weight: float = 0.1                 # stage-2 weight of the cross-image mask consistency
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])         # stage 1: random resized crop, area fraction (paper 0.08-1)
+    stage2_crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # stage 2 (paper 0.4-1)
+    partners: int = 10                      # CMC: partner images per image, sharing an entity (drawn once, seeded)
+    train_images: int = 0                   # world: caption-training images (0: all but the holdout)
+    holdout: int = 300                      # world: training images never trained on; topk and bg_thresh are chosen on them
+    bg_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # bg_thresh candidates
+    topk_grid: list[int] = field(default_factory=lambda: [3, 5])                 # top-k filter candidates
+    bg_thresh: dict[str, float] = field(default_factory=dict)   # real: fixed bg_thresh per dataset (official: voc21 0.95, pc60 0.35, coco_object 0.9)
+    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's captions and labels | real: `captions` + the eval_sets
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    settings: list[str] = field(default_factory=lambda: ["contrast", "mec", "cmc", "cmc_random"])  # (a) (b) (c) (d) of the loss table
+    strict_fold: int = 0                    # world: the fold whose novel classes never occur in the strict split's captions (-1: no strict split)
+    strict_settings: list[str] = field(default_factory=lambda: ["contrast", "mec", "cmc", "cmc_random"])
+    strict_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    group_counts: list[int] = field(default_factory=lambda: [4, 8, 16])   # the #groups ablation (setting `group_setting`)
+    group_setting: str = "mec"
+    group_seeds: list[int] = field(default_factory=lambda: [0])
+    captions: str = ""                      # real: (image path, caption) list, CSV or TSV, one pair per line
+    images_root: str = ""                   # real: relative image paths resolve here ("" = the list's folder)
+    eval_sets: list[str] = field(default_factory=lambda: ["voc21", "pc60", "coco_object", "ade150"])   # real: ovseg.data names
+    eval_short_side: int = 448              # real: images resized to this short side before the windows
+
+OVSEG_SETTINGS = ("contrast", "mec", "mec_stage2", "cmc", "cmc_random")   # (a) (b) (b + stage 2 without CMC: the control) (c) (d)
+
+def check_ovsegmentor(s: OVSegmentorSettings, where: str = "ovsegmentor"):
+    "Range checks of an `ovsegmentor` section (types are checked by `from_dict`)."
+    m = s.model
+    lo, hi = (s.crop_scale + [0, 0])[:2]; lo2, hi2 = (s.stage2_crop_scale + [0, 0])[:2]
+    checks = [("model.width", m.width >= 1 and m.width % max(m.heads, 1) == 0, f"divisible by model.heads = {m.heads}"),
+              ("model.image_size", m.image_size >= 1 and m.image_size % max(m.patch_size, 1) == 0, f"a multiple of model.patch_size = {m.patch_size}"),
+              ("model.depths", len(m.depths) == 2 and min(m.depths) >= 0, "two block counts >= 0"),
+              ("model.groups", 1 <= m.groups, ">= 1"), ("model.group_tokens", m.group_tokens >= 1, ">= 1"),
+              ("model.topk", m.topk >= 0, ">= 0"), ("model.bg_thresh", 0 <= m.bg_thresh <= 1, "in [0, 1]"),
+              ("model.momentum", 0 <= m.momentum < 1, "in [0, 1)"), ("model.cross_threshold", 0 < m.cross_threshold <= 1, "in (0, 1]"),
+              ("model.group_ratio", 0 <= m.group_ratio < 1, "in [0, 1)"), ("model.mec_weight", m.mec_weight >= 0, ">= 0"),
+              ("model.cmc_weight", m.cmc_weight >= 0, ">= 0"), ("model.stride", m.stride <= m.window, "<= model.window"),
+              ("model.class_template", "{}" in m.class_template, "a template with '{}'"),
+              ("model.answer_templates", bool(m.answer_templates) and all("{}" in t for t in m.answer_templates), "templates with '{}'"),
+              ("cmc_weight", s.cmc_weight > 0, "> 0"), ("stage1.lr", s.stage1.lr > 0, "> 0"), ("stage2.lr", s.stage2.lr > 0, "> 0"),
+              ("crop_scale", len(s.crop_scale) == 2 and 0 < lo <= hi <= 1, "[low, high] with 0 < low <= high <= 1"),
+              ("stage2_crop_scale", len(s.stage2_crop_scale) == 2 and 0 < lo2 <= hi2 <= 1, "[low, high] with 0 < low <= high <= 1"),
+              ("partners", s.partners >= 1, ">= 1"), ("holdout", s.holdout >= 0, ">= 0"), ("train_images", s.train_images >= 0, ">= 0"),
+              ("bg_grid", bool(s.bg_grid) and all(0 <= t <= 1 for t in s.bg_grid), "values in [0, 1]"),
+              ("topk_grid", bool(s.topk_grid) and all(k >= 0 for k in s.topk_grid), "values >= 0"),
+              ("bg_thresh", all(0 <= t <= 1 for t in s.bg_thresh.values()), "values in [0, 1]"),
+              ("settings", all(x in OVSEG_SETTINGS for x in s.settings), f"names from {list(OVSEG_SETTINGS)}"),
+              ("strict_settings", all(x in OVSEG_SETTINGS for x in s.strict_settings), f"names from {list(OVSEG_SETTINGS)}"),
+              ("group_setting", s.group_setting in OVSEG_SETTINGS, f"one of {list(OVSEG_SETTINGS)}"),
+              ("group_counts", all(g >= 1 for g in s.group_counts), "values >= 1"), ("strict_fold", s.strict_fold >= -1, ">= -1"),
+              ("eval_short_side", s.eval_short_side >= 1, ">= 1")]
+    for key, ok, need in checks:
+        if not ok:
+            obj = s
+            for part in key.split("."): obj = getattr(obj, part)
+            raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
+
 # %% ../nbs/01_core.ipynb #e591ccb8
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -497,6 +603,7 @@ def check_ranges(params: "Profile", key: str = "", source: str = "settings"):
         if v is not None and not ok(v): raise ConfigError(f"{where(path)} = {v!r} must be {need}")
     check_fisa(params.fisa, f"{source}: {key + '.' if key else ''}fisa")
     check_zsseg(params.zsseg, f"{source}: {key + '.' if key else ''}zsseg")
+    check_ovsegmentor(params.ovsegmentor, f"{source}: {key + '.' if key else ''}ovsegmentor")
     f, s, w = params.fusioner, params.segment, params.world
     if f.dim % f.heads: raise ConfigError(f"{where('fusioner.dim')} = {f.dim} must be divisible by fusioner.heads = {f.heads}")
     if s.stride > s.window: raise ConfigError(f"{where('segment.stride')} = {s.stride} must be <= segment.window = {s.window}")

@@ -23,9 +23,10 @@ __all__ = ['VOC_RAW', 'COCO_THING_IDS', 'COCO_THINGS', 'COCO_STUFF', 'COCO_STUFF
            'RandomScaleCrop', 'RandomHFlip', 'PhotometricJitter', 'train_transform', 'window_starts', 'sliding_window',
            'tta_predict', 'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_image', 'load_mask',
            'clean_name', 'register_dataset', 'SegDataset', 'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject',
-           'ADE20K150', 'ADE847', 'PascalContext59', 'PascalContext459', 'splits_dir', 'pascal5i_fold_classes',
-           'coco20i_fold_classes', 'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i', 'FSS1000', 'Mosaic4',
-           'list_datasets', 'create_dataset', 'Archive', 'prepare_instructions', 'prepare_dataset']
+           'ADE20K150', 'ADE847', 'PascalContext59', 'PascalContext459', 'PascalContext60', 'splits_dir',
+           'pascal5i_fold_classes', 'coco20i_fold_classes', 'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i',
+           'FSS1000', 'Mosaic4', 'list_datasets', 'create_dataset', 'Archive', 'prepare_instructions',
+           'prepare_dataset']
 
 # %% ../nbs/04_data.ipynb #3156923c
 def collate(batch: Sequence[dict]) -> dict:
@@ -510,6 +511,15 @@ class PascalContext459(_ContextLayout):
         self.lut = _lut(K + 1, {v: v - 1 for v in range(1, K + 1)}, [0], self.ignore_index)
         super().__init__(root, split, transform)
 
+# %% ../nbs/04_data.ipynb #20ddb78f
+@register_dataset("pc60")
+class PascalContext60(_ContextLayout):
+    "PASCAL Context, 60 classes: background (0) + the 59 (mmsegmentation layout, as GroupViT / OVSegmentor evaluate)."
+    name = "pc60"
+    raw_class_names = ["background"] + PC59
+    class_names = ["background"] + [clean_name(n) for n in PC59]
+    lut = _lut(256, {v: v for v in range(60)}, [255])
+
 # %% ../nbs/04_data.ipynb #c143ac28
 def splits_dir() -> Path:
     "Where the HSNet split lists are (package data `ovseg/splits`)."
@@ -710,6 +720,7 @@ PREPARE: dict[str, dict] = {
                  convert=_convert_pc59),
 }
 PREPARE["pc459"] = dict(archives=PREPARE["pc59"]["archives"], convert=_context_lists)
+PREPARE["pc60"] = PREPARE["pc59"]        # the same files; label 0 is a class instead of ignored
 
 def prepare_instructions(name: str) -> str:
     "What `prepare_dataset(name, ...)` fetches, from where, and what must be fetched by hand."

@@ -4,9 +4,9 @@
 
 # %% ../nbs/11_ovsegmentor.ipynb #f2338b95
 from __future__ import annotations
-import copy, math, re, warnings
+import copy, csv, dataclasses, math, os, re, warnings, weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -15,60 +15,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cliptrain import contrastive_loss
+from .core import OVSegmentorConfig, OVSegmentorSettings, TrainConfig
 from .grouping import Block, CrossAttnBlock, GroupViT, ProjectMLP
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'OVSegmentorConfig', 'paper_config', 'singular', 'EntityParser',
-           'partner_index', 'EntityCaptions', 'all_gather_grad', 'info_nce', 'match_masks', 'mask_consistency_loss',
-           'MultimodalGroupingBlock', 'OVSegmentor', 'predict', 'stage2']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'paper_config', 'singular', 'EntityParser', 'partner_index',
+           'EntityCaptions', 'all_gather_grad', 'info_nce', 'match_masks', 'mask_consistency_loss',
+           'MultimodalGroupingBlock', 'OVSegmentor', 'scores', 'predict', 'stage2', 'choose_thresholds', 'init_visual',
+           'CropFlip', 'train_stage', 'setting_recipe', 'build_model', 'CaptionList']
 
 # %% ../nbs/11_ovsegmentor.ipynb #fb88fb70
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 ANSWER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.",
                     "a good photo of a {}.", "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}."]
 
-@dataclass
-class OVSegmentorConfig:
-    "OVSegmentor (ovseg.ovsegmentor): GroupViT sizes, frozen text encoder, losses, inference rules."
-    image_size: int = 64                    # training input side (pos-embed grid; paper 224)
-    patch_size: int = 8                     # paper 16
-    width: int = 96                         # paper 768
-    heads: int = 3                          # paper 8
-    depths: list[int] = field(default_factory=lambda: [2, 2])   # blocks before / after grouping (paper [6, 6])
-    group_tokens: int = 16                  # learned group tokens in stage 1 (paper 64)
-    groups: int = 8                         # segment tokens after grouping (paper 8)
-    token_ratio: float = 0.5                # token-mixing MLP hidden = token_ratio * width
-    drop_path: float = 0.0                  # paper 0.1
-    gumbel_tau: float = 1.0
-    assign_eps: float = 1.0
-    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))   # input normalisation (DINO: ImageNet's)
-    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
-    text: str = "minilm"                    # frozen text encoder spec (ovseg.encoders; paper "bert-base")
-    text_weights: str = ""                  # local weights dir for `text` ("" = its default)
-    text_pooling: str = "mean"              # caption embedding: "mean" over tokens or "cls" (official)
-    embed_dim: int = 64                     # joint space (paper 256)
-    proj_hidden: int = 256                  # ProjectMLP hidden width (paper 4096)
-    logit_scale_init: float = 1 / 0.07      # learned temperature, exp(logit_scale) clamped at 100
-    vocabulary: list[str] = field(default_factory=list)   # entity phrases for MEC / CMC (paper: 73 nouns)
-    answer_templates: list[str] = field(default_factory=lambda: list(ANSWER_TEMPLATES))
-    mec_weight: float = 1.0                 # masked entity completion (0: off)
-    cmc_weight: float = 0.0                 # cross-image mask consistency (stage 2: 0.1; > 0 adds the momentum encoder)
-    momentum: float = 0.99                  # EMA of the momentum image encoder, after every optimiser step
-    cross_threshold: float = 0.6            # CMC target: sigmoid mask binarised at this fraction of its max
-    group_ratio: float = 0.5                # CMC: this fraction of A's groups least like the entity is detached
-    entity_prompt: str = "a photo of a {}."  # CMC: the entity's text for choosing the detached groups
-    class_template: str = "a photo of a {}."   # inference class prompt(s), ";"-separated for several
-    topk: int = 5                           # inference: image-level filter keeps this many classes (0: off)
-    bg_thresh: float = 0.95                 # background when max score < min(bg_thresh, max group affinity)
-    window: int = 0                         # sliding-window side in pixels (0: whole image; paper 448)
-    stride: int = 0                         # sliding-window stride (paper 224)
-
 def paper_config(**overrides) -> OVSegmentorConfig:
     "The paper's architecture: ViT-B/16 (8 heads, 6+6 blocks, 64 -> 8 groups) + BERT-base [CLS], 256-d, windows 448/224."
     base = dict(image_size=224, patch_size=16, width=768, heads=8, depths=[6, 6], group_tokens=64, groups=8,
                 drop_path=0.1, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], text="bert-base",
-                text_pooling="cls", embed_dim=256, proj_hidden=4096, window=448, stride=224)
+                text_pooling="cls", embed_dim=256, proj_hidden=4096, answer_templates=list(ANSWER_TEMPLATES),
+                window=448, stride=224)
     return OVSegmentorConfig(**{**base, **overrides})
 
 # %% ../nbs/11_ovsegmentor.ipynb #08e79da1
@@ -146,6 +113,7 @@ class EntityCaptions(torch.utils.data.Dataset):
     "A caption dataset plus, per item, its entities and a partner image sharing one of them."
     def __init__(self, dataset, vocabulary: Sequence[str], partners: int = 10, seed: int = 0, captions: Sequence[str] | None = None):
         self.dataset, self.parser = dataset, EntityParser(vocabulary)
+        if captions is None: captions = getattr(dataset, "captions", None)      # CaptionList: no image is opened
         caps = list(captions) if captions is not None else [dataset[k]["caption"] for k in range(len(dataset))]
         if len(caps) != len(dataset): raise ValueError(f"{len(caps)} captions for {len(dataset)} items")
         self.entities = [self.parser.entities(c) for c in caps]
@@ -223,6 +191,8 @@ def _check_names(class_names) -> list[str]:
     if dup: raise ValueError(f"class_names repeats {dup}; pass each class once")
     return names
 
+_TEXT_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # text encoder -> {pooling: OrderedDict}
+
 @register_arch("ovsegmentor")
 class OVSegmentor(nn.Module):
     "GroupViT + frozen text encoder trained with contrast, masked entity completion and cross-image mask consistency."
@@ -256,7 +226,8 @@ class OVSegmentor(nn.Module):
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.momentum = copy.deepcopy(self.visual).requires_grad_(False) if config.cmc_weight > 0 else None
         self.parser = EntityParser(config.vocabulary) if config.vocabulary else None
-        self._cache: OrderedDict = OrderedDict()
+        # text features per distinct string, shared by every model on the same (frozen) encoder object
+        self._cache: OrderedDict = _TEXT_CACHES.setdefault(text_encoder, {}).setdefault(config.text_pooling, OrderedDict())
         self.last_losses: dict[str, float] = {}
 
     def frozen_encoders(self) -> dict: return {"text": self.text_encoder}
@@ -287,6 +258,11 @@ class OVSegmentor(nn.Module):
             self._cache.move_to_end(t); out.append(self._cache[t])
         while len(self._cache) > self.cache_size: self._cache.popitem(last=False)
         return out
+
+    def cache_text(self, texts: Sequence[str]) -> int:
+        "Encode `texts` into the shared cache now (e.g. every caption before training); returns the cache size."
+        self._features(list(dict.fromkeys(texts)))
+        return len(self._cache)
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         "Frozen token features (B,T,D) zero-padded, and the mask of real tokens (B,T)."
@@ -395,53 +371,248 @@ def _class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
     return F.normalize(e.mean(0), dim=-1)
 
 @torch.no_grad()
-def _scores(self, images01: torch.Tensor, text: torch.Tensor, background: bool) -> torch.Tensor:
+def _parts(self, images01: torch.Tensor, text: torch.Tensor) -> dict:
+    "Network outputs for inference: group (B,H,W) of each pixel, affinity A (B,G,K), image logits (B,K)."
     B, _, H, W = images01.shape
     out = self.encode_image(images01)
     h, w = out["grid"]
     soft = F.interpolate(out["assign"]["soft"].reshape(B, -1, h, w), size=(H, W), mode="bilinear", align_corners=False)
-    onehot = F.one_hot(soft.argmax(1), soft.shape[1]).permute(0, 3, 1, 2).to(text.dtype)     # (B,G,H,W)
     s = self.scale
-    aff = (s * self.group_embeddings(out) @ text.T).softmax(-1)                               # (B,G,K)
-    img = s * F.normalize(self.img_proj(out["pooled"]), dim=-1) @ text.T                       # (B,K)
-    k = self.config.topk
-    if 0 < k < text.shape[0]:
-        img = img.masked_fill(~torch.zeros_like(img, dtype=torch.bool).scatter_(1, img.topk(k, 1).indices, True), float("-inf"))
-    scores = torch.einsum("bghw,bgk->bkhw", onehot, aff * img.softmax(-1)[:, None])
-    if background:
-        thr = torch.clamp(aff.flatten(1).amax(1), max=self.config.bg_thresh)
-        scores = torch.cat([thr.view(B, 1, 1, 1).expand(B, 1, H, W), scores], 1)
-    return scores
+    aff = (s * self.group_embeddings(out) @ text.T).softmax(-1)
+    img = s * F.normalize(self.img_proj(out["pooled"]), dim=-1) @ text.T
+    return dict(group=soft.argmax(1), aff=aff, img=img)
+
+def _combine(parts: dict, topk: int, bg_thresh: float | None) -> torch.Tensor:
+    "(B,K,H,W) scores from `_parts`; with `bg_thresh` (not None) a background channel 0 first."
+    aff, img, group = parts["aff"], parts["img"], parts["group"]
+    if 0 < topk < img.shape[1]:
+        keep = torch.zeros_like(img, dtype=torch.bool).scatter_(1, img.topk(topk, 1).indices, True)
+        img = img.masked_fill(~keep, float("-inf"))
+    per_group = aff * img.softmax(-1)[:, None]                                                # (B,G,K)
+    B, H, W = group.shape
+    scores = torch.gather(per_group, 1, group.reshape(B, -1, 1).expand(-1, -1, per_group.shape[-1]))
+    scores = scores.transpose(1, 2).reshape(B, -1, H, W)
+    if bg_thresh is None: return scores
+    thr = torch.clamp(aff.flatten(1).amax(1), max=bg_thresh)
+    return torch.cat([thr.view(B, 1, 1, 1).expand(B, 1, H, W), scores], 1)
 
 @torch.no_grad()
-def predict(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
-    "(B,K,H,W) scores of images in [0,1]; class 0 is background when class_names[0] == 'background'."
+def scores(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+    "(B,K,H,W) OVSegmentor scores of images in [0,1]; class 0 is background when class_names[0] == 'background'."
     from ovseg.data import sliding_window
     names = _check_names(class_names)
     background = names[0].strip().lower() == "background"
     fg = names[1:] if background else names
     if not fg: raise ValueError("class_names holds only 'background'; add at least one class")
+    if images01.ndim == 3: images01 = images01[None]
+    images01 = images01.to(self.device).float()
     was = self.training; self.eval()
     try:
         text = self.class_embeddings(fg)
-        fn = lambda x: self._scores(x, text, background)
         c = self.config
+        fn = lambda x: _combine(self._parts(x, text), c.topk, c.bg_thresh if background else None)
         if c.window > 0 and max(images01.shape[-2:]) > c.window:
             return sliding_window(fn, images01, c.window, c.stride or c.window, len(names))
         return fn(images01)
     finally: self.train(was)
 
-OVSegmentor.class_embeddings, OVSegmentor._scores, OVSegmentor.predict = _class_embeddings, _scores, predict
+@torch.no_grad()
+def predict(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+    "(B,K,H,W) log-scores (`scores` floored at 1e-8): the logits of ovseg's `predict` contract."
+    return self.scores(images01, class_names).clamp_min(1e-8).log()
+
+OVSegmentor.class_embeddings, OVSegmentor._parts, OVSegmentor.scores, OVSegmentor.predict = _class_embeddings, _parts, scores, predict
 
 # %% ../nbs/11_ovsegmentor.ipynb #5a2136b3
 def stage2(model: OVSegmentor, cmc_weight: float = 0.1, **overrides) -> OVSegmentor:
-    "A stage-2 model (CMC on, momentum encoder = the online encoder) from a stage-1 `model`."
-    import dataclasses
+    """A stage-2 model from a stage-1 `model`: same weights, CMC on with a momentum encoder that starts as a copy
+    of the online one. `cmc_weight=0` gives the control: the same continuation without CMC (no momentum encoder)."""
     cfg = dataclasses.replace(model.config, cmc_weight=cmc_weight, **overrides)
-    if cfg.cmc_weight <= 0: raise ValueError(f"stage 2 needs cmc_weight > 0, got {cfg.cmc_weight}")
+    if cfg.cmc_weight < 0: raise ValueError(f"cmc_weight must be >= 0, got {cfg.cmc_weight}")
     new = OVSegmentor(cfg, text_encoder=model.text_encoder).to(model.device)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("text_encoder.", "momentum."))}
     missing, unexpected = new.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith(("text_encoder.", "momentum.")) for k in missing), (missing, unexpected)
     new.sync_momentum()
     return new
+
+# %% ../nbs/11_ovsegmentor.ipynb #4048de51
+@torch.no_grad()
+def choose_thresholds(model: OVSegmentor, dataset, bg_grid: Sequence[float], topk_grid: Sequence[int] | None = None,
+                      classes: Sequence[int] | None = None, batch_size: int = 64, apply: bool = True) -> dict:
+    """mIoU of every (top-k, bg_thresh) on `dataset` (training images: dict(image, label), `class_names` with
+    'background' first) and the best pair; `apply` writes it into `model.config`. Returns dict(topk, bg_thresh,
+    mIoU, images, table=[{topk, bg_thresh, mIoU}])."""
+    from ovseg.metrics import SemanticMetric
+    split = str(getattr(dataset, "split", getattr(getattr(dataset, "dataset", None), "split", "train")))
+    if split.lower() in ("val", "test", "validation"):
+        raise ValueError(f"choose_thresholds got a {split!r} split: thresholds are chosen on training images only "
+                         "(hold some out of training), never on the evaluation set")
+    all_names = list(getattr(dataset, "class_names", None) or getattr(getattr(dataset, "dataset", None), "class_names"))
+    keep = list(range(len(all_names))) if classes is None else list(classes)
+    if not keep or keep[0] != 0 or all_names[0].strip().lower() != "background":
+        raise ValueError("choose_thresholds needs 'background' as class 0 of the dataset and first in `classes`")
+    names = [all_names[k] for k in keep]
+    lut = torch.full((max(256, len(all_names)),), 255, dtype=torch.long)
+    lut[torch.tensor(keep)] = torch.arange(len(keep))
+    topks = list(topk_grid) if topk_grid else [model.config.topk]
+    grid = [(k, float(t)) for k in topks for t in bg_grid]
+    if not len(grid): raise ValueError("bg_grid is empty; give at least one threshold")
+    metrics = {g: SemanticMetric(len(names)) for g in grid}
+    was = model.training; model.eval()
+    text = model.class_embeddings(names[1:])
+    n = 0
+    for i0 in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(i0, min(i0 + batch_size, len(dataset)))]
+        groups = [items] if len({tuple(s["image"].shape) for s in items}) == 1 else [[s] for s in items]
+        for g in groups:
+            x = torch.stack([s["image"] for s in g]).to(model.device)
+            y = lut[torch.stack([s["label"] for s in g]).long().clamp(0, len(lut) - 1)]
+            parts = model._parts(x, text)
+            for k in topks:
+                sc = _combine(parts, k, 1.0)                       # channel 0 = max group affinity
+                fg_max, fg_arg = sc[:, 1:].max(1)
+                aff_max = sc[:, :1, 0, 0]
+                for t in bg_grid:
+                    bg = fg_max <= torch.clamp(aff_max[:, 0], max=float(t))[:, None, None]   # predict's argmax: ties -> bg
+                    metrics[(k, float(t))].update(torch.where(bg, 0, fg_arg + 1).cpu(), y)
+            n += len(g)
+    model.train(was)
+    table = [{"topk": k, "bg_thresh": t, "mIoU": 100 * metrics[(k, t)].compute()["mIoU"]} for k, t in grid]
+    best = max(table, key=lambda r: r["mIoU"])                 # max keeps the first of equal values
+    if apply: model.config.topk, model.config.bg_thresh = best["topk"], best["bg_thresh"]
+    return dict(topk=best["topk"], bg_thresh=best["bg_thresh"], mIoU=best["mIoU"], images=n, table=table)
+
+# %% ../nbs/11_ovsegmentor.ipynb #68cb4a21
+def _vit_state_dict(init: str, weights: dict | None = None, clip_dir: str | os.PathLike = "outputs/embedded_clip") -> dict | None:
+    if init == "random": return None
+    if init == "embedded-clip": init = str(clip_dir)
+    p = Path(init).expanduser()
+    if p.is_dir():
+        from ovseg.cliptrain import load_clip
+        return load_clip(p)[0].state_dict()
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "teacher"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict): sd = sd[key]; break
+        return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(c in init for c in "/\\") or init.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"init weights {init} not found; pass an existing file or folder, 'embedded-clip' or 'random'")
+    from ovseg.encoders import create_visual_encoder
+    enc = create_visual_encoder(init, **({"weights": weights[init]} if weights and init in weights else {}))
+    return enc.model.state_dict()
+
+def init_visual(model: OVSegmentor, init: str, weights: dict | None = None,
+                clip_dir: str | os.PathLike = "outputs/embedded_clip") -> list[str]:
+    "Initialise `model.visual` from a plain ViT (see above); returns the names of the copied tensors ([] for 'random')."
+    sd = _vit_state_dict(init, weights, clip_dir)
+    if sd is None: return []
+    copied = model.visual.init_from_vit(sd)
+    model.sync_momentum()
+    return copied
+
+def _random_resized_crop(img: torch.Tensor, size: int, scale: Sequence[float], ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    _, H, W = img.shape
+    for _ in range(10):
+        area = H * W * float(torch.empty(()).uniform_(scale[0], scale[1]))
+        r = math.exp(float(torch.empty(()).uniform_(math.log(ratio[0]), math.log(ratio[1]))))
+        w, h = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+        if 0 < w <= W and 0 < h <= H:
+            y, x = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))
+            break
+    else: y, x, h, w = 0, 0, H, W
+    return F.interpolate(img[None, :, y:y + h, x:x + w], size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)[0].clamp(0, 1)
+
+class CropFlip(torch.utils.data.Dataset):
+    "Random resized crop (area `scale`) + horizontal flip of `image` (and `partner`) to `size` x `size`."
+    def __init__(self, dataset, size: int, scale: Sequence[float] = (0.5, 1.0), flip: bool = True):
+        self.dataset, self.size, self.scale, self.flip = dataset, size, tuple(scale), flip
+    def __len__(self): return len(self.dataset)
+    def _aug(self, img):
+        img = _random_resized_crop(img, self.size, self.scale)
+        return img.flip(-1) if self.flip and bool(torch.rand(()) < 0.5) else img
+    def __getitem__(self, k):
+        item = dict(self.dataset[k])
+        for key in ("image", "partner"):
+            if key in item: item[key] = self._aug(item[key])
+        return item
+
+def _collate(batch):
+    return torch.utils.data.default_collate(batch)
+
+def train_stage(model: OVSegmentor, data, tcfg: TrainConfig, out_dir: str | os.PathLike, crop_scale: Sequence[float] = (0.5, 1.0),
+                num_workers: int = 0) -> OVSegmentor:
+    "One training stage of `model` on caption `data` (`EntityCaptions`) with `ovseg.train.fit`; returns the model."
+    from ovseg.train import fit
+    loader = torch.utils.data.DataLoader(CropFlip(data, model.config.image_size, crop_scale), batch_size=tcfg.batch_size,
+                                         shuffle=False, collate_fn=_collate, num_workers=num_workers, drop_last=True)
+    fit(model, loader, tcfg, out_dir)
+    return model
+
+# %% ../nbs/11_ovsegmentor.ipynb #6bd7d52f
+def setting_recipe(setting: str) -> dict:
+    "What a setting of the loss table trains: MEC on, stage 2, CMC in stage 2, random init."
+    from ovseg.core import OVSEG_SETTINGS
+    if setting not in OVSEG_SETTINGS: raise ValueError(f"unknown setting {setting!r}; known: {', '.join(OVSEG_SETTINGS)}")
+    return dict(mec=setting != "contrast", stage2=setting in ("mec_stage2", "cmc", "cmc_random"),
+                cmc=setting in ("cmc", "cmc_random"), random=setting.endswith("_random"))
+
+def build_model(s: OVSegmentorSettings, setting: str = "mec", vocabulary: Sequence[str] | None = None, text_encoder=None,
+                weights: dict | None = None, clip_dir: str | os.PathLike = "outputs/embedded_clip", **model_overrides) -> OVSegmentor:
+    """A stage-1 OVSegmentor for `setting` from an `ovsegmentor` settings block: `s.model` (+ `model_overrides`),
+    the MEC weight of the setting, `vocabulary` (default `s.model.vocabulary`), blocks from `s.init` (random for *_random)."""
+    r = setting_recipe(setting)
+    cfg = dataclasses.replace(s.model, **model_overrides)
+    vocab = list(vocabulary if vocabulary is not None else cfg.vocabulary)
+    cfg = dataclasses.replace(cfg, vocabulary=vocab, mec_weight=cfg.mec_weight if r["mec"] else 0.0, cmc_weight=0.0)
+    if r["mec"] and not vocab: raise ValueError(f"setting {setting!r} needs an entity vocabulary (ovsegmentor.model.vocabulary)")
+    model = OVSegmentor(cfg, text_encoder=text_encoder)
+    model.init_copied = init_visual(model, "random" if r["random"] else s.init, weights, clip_dir)
+    return model
+
+# %% ../nbs/11_ovsegmentor.ipynb #559ba207
+class CaptionList(torch.utils.data.Dataset):
+    "(image path, caption) pairs from a CSV/TSV file: dict(image (3,H,W) in [0,1], caption, id)."
+    max_skip = 50
+
+    def __init__(self, path: str | os.PathLike, root: str | os.PathLike | None = None, size: int = 0):
+        self.path = Path(path)
+        if not self.path.is_file(): raise FileNotFoundError(f"caption list {self.path} not found; write one (image path, caption) pair per line")
+        self.root = Path(root) if root else self.path.parent
+        self.size = size                    # > 0: resize the short side to this on loading (keeps memory bounded)
+        delim = "\t" if self.path.suffix.lower() in (".tsv", ".txt") else ","
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter=delim)) if delim == "," else [l.rstrip("\n").split("\t") for l in f]
+        self.files, self.captions, self.skipped = [], [], 0
+        for n, row in enumerate(rows, 1):
+            if not row or not "".join(row).strip(): continue
+            if n == 1 and [c.strip().lower() for c in row[:2]] in (["image", "caption"], ["image_path", "caption"], ["path", "caption"]): continue
+            if len(row) < 2 or not row[0].strip():
+                raise ValueError(f"{self.path}:{n}: expected 'image path{'<TAB>' if delim == chr(9) else ','}caption', got {row!r}")
+            self.files.append(row[0].strip()); self.captions.append(delim.join(row[1:]).strip())
+        if not self.files: raise ValueError(f"{self.path} holds no (image path, caption) pair")
+
+    def __len__(self): return len(self.files)
+
+    def _load(self, k: int) -> torch.Tensor:
+        from ovseg.data import load_image
+        img = load_image(self.root / self.files[k])
+        if self.size and min(img.shape[-2:]) != self.size:
+            h, w = img.shape[-2:]; s = self.size / min(h, w)
+            img = F.interpolate(img[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                                align_corners=False, antialias=True)[0].clamp(0, 1)
+        return img
+
+    def __getitem__(self, k: int) -> dict:
+        if not -len(self) <= k < len(self): raise IndexError(k)
+        for j in range(min(self.max_skip, len(self))):
+            i = (k + j) % len(self)
+            try: return dict(image=self._load(i), caption=self.captions[i], id=self.files[i])
+            except (OSError, ValueError) as e:
+                self.skipped += 1
+                warnings.warn(f"{self.path}: skipping image {self.files[i]!r} ({type(e).__name__}: {str(e)[:200]}); {self.skipped} skipped so far")
+        raise RuntimeError(f"{self.path}: {self.max_skip} unreadable images in a row from line {k + 1}; are the paths relative to {self.root}?")

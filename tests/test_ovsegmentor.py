@@ -1,17 +1,22 @@
-"OVSegmentor (ovseg.ovsegmentor): entities, losses, training steps, EMA hook + exact resume, save/load, inference."
-import dataclasses, itertools, math
+"""OVSegmentor (ovseg.ovsegmentor): entities, losses, training steps, EMA hook + exact resume, save/load, inference,
+thresholds chosen on training images, settings, initialisation, caption lists, segment / CLI, PASCAL Context-60,
+and the paper profile's pieces on fixtures the tests create."""
+import dataclasses, itertools, json, math, warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from ovseg.core import TrainConfig, WorldConfig
-from ovseg.embedded import World, WorldCaptions
-from ovseg.ovsegmentor import (EntityCaptions, EntityParser, OVSegmentor, OVSegmentorConfig, all_gather_grad,
-                               info_nce, mask_consistency_loss, match_masks, partner_index, singular, stage2)
+from ovseg.core import ConfigError, OVSegmentorConfig, OVSegmentorSettings, TrainConfig, WorldConfig, load_config
+from ovseg.embedded import World, WorldCaptions, WorldSemantic
+from ovseg.ovsegmentor import (CaptionList, CropFlip, EntityCaptions, EntityParser, OVSegmentor, all_gather_grad,
+                               build_model, choose_thresholds, info_nce, init_visual, mask_consistency_loss, match_masks,
+                               partner_index, setting_recipe, singular, stage2, train_stage)
 from ovseg.train import fit, from_pretrained, save_pretrained
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)       # tiny tensors: one thread is faster, and does not fight other processes for cores
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +31,16 @@ def text_encoder():
     except Exception as e: pytest.skip(f"MiniLM unavailable: {e}")
 
 
+@pytest.fixture(scope="module")
+def data(world):
+    return EntityCaptions(WorldCaptions(world, "train"), world.class_names)
+
+
+TINY = dict(width=24, depths=[1, 1], group_tokens=8, groups=4, embed_dim=16, proj_hidden=32)
+
+
 def _cfg(world, **kw):
-    base = dict(width=48, depths=[1, 1], group_tokens=8, groups=4, embed_dim=32, proj_hidden=64,
-                vocabulary=list(world.class_names))
-    return OVSegmentorConfig(**{**base, **kw})
+    return OVSegmentorConfig(**{**TINY, "vocabulary": list(world.class_names), **kw})
 
 
 def _model(world, text_encoder, seed=0, **kw):
@@ -39,6 +50,17 @@ def _model(world, text_encoder, seed=0, **kw):
 
 def _batch(data, idx):
     return torch.utils.data.default_collate([data[i] for i in idx])
+
+
+@pytest.fixture(scope="module")
+def trained(world, text_encoder, data):
+    "A tiny stage-2 model after a few steps (shared by the inference tests; never modified by them)."
+    m = stage2(_model(world, text_encoder), cmc_weight=0.1)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    b = _batch(data, range(16))
+    for _ in range(3):
+        loss = m.training_loss(b); opt.zero_grad(); loss.backward(); opt.step(); m.on_step(0)
+    return m.eval()
 
 
 # --- entities ----------------------------------------------------------------------------------
@@ -129,17 +151,24 @@ def test_training_steps_lower_the_loss(world, text_encoder):
     batch = _batch(data, range(16))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(12):
         loss = model.training_loss(batch)
         opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert "mec" in model.last_losses and all(math.isfinite(l) for l in losses)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
 
 
-def test_bad_batches(world, text_encoder):
+def test_text_features_shared_between_models(world, text_encoder):
+    a, b = _model(world, text_encoder), _model(world, text_encoder, seed=1)
+    n = a.cache_text(["a red circle on a plain background", "a test string only here"])
+    assert b._cache is a._cache and "a test string only here" in b._cache and n == len(a._cache)
+    c = _model(world, text_encoder, text_pooling="cls")                # another pooling: its own cache
+    assert c._cache is not a._cache
+
+
+def test_bad_batches(world, text_encoder, data):
     model = _model(world, text_encoder, cmc_weight=0.1)
-    data = EntityCaptions(WorldCaptions(world, "train"), world.class_names)
     batch = _batch(data, range(6))
     # captions with no entity: no MEC for them; none with one: MEC skipped
     b = dict(batch, caption=["a plain background"] * 6)
@@ -159,9 +188,8 @@ def test_bad_batches(world, text_encoder):
         OVSegmentor(_cfg(world, vocabulary=[]), text_encoder=text_encoder).training_loss(batch)
 
 
-def test_cmc_detaches_half_the_groups(world, text_encoder):
+def test_cmc_detaches_half_the_groups(world, text_encoder, data):
     model = _model(world, text_encoder, cmc_weight=0.1).train()
-    data = EntityCaptions(WorldCaptions(world, "train"), world.class_names)
     batch = _batch(data, range(4))
     out = model.encode_image(batch["image"])
     q = out["assign"]["q"]; q.retain_grad()
@@ -170,24 +198,19 @@ def test_cmc_detaches_half_the_groups(world, text_encoder):
     assert torch.all(zero_rows == 2)                                  # group_ratio 0.5 of 4 groups get no gradient
 
 
-def _fit_data(world):
-    return torch.utils.data.DataLoader(EntityCaptions(WorldCaptions(world, "train"), world.class_names), batch_size=8)
-
-
-def test_ema_hook_and_exact_resume(world, text_encoder, tmp_path):
-    tcfg = TrainConfig(max_steps=4, batch_size=8, lr=1e-3, log_every=1, device="cpu", seed=0, weight_decay=0.05,
+def test_ema_hook_and_exact_resume(world, text_encoder, data, tmp_path):
+    tcfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-3, log_every=1, device="cpu", seed=0, weight_decay=0.05,
                        weight_decay_end=0.05)
+    small = torch.utils.data.Subset(data, range(16))
     def make():
         return stage2(_model(world, text_encoder), cmc_weight=0.1)
-    m0 = make()
-    before = [p.clone() for p in m0.momentum.parameters()]
-    full = make()
-    fit(full, _fit_data(world), tcfg, tmp_path / "full")
+    before = [p.clone() for p in make().momentum.parameters()]
+    full = train_stage(make(), small, tcfg, tmp_path / "full", crop_scale=(0.5, 1.0))     # augmented, via fit
     assert not all(torch.equal(a, b) for a, b in zip(before, full.momentum.parameters()))   # the hook ran
-    part = make()
-    fit(part, _fit_data(world), tcfg, tmp_path / "part", stop_after=2)
+    loader = lambda: torch.utils.data.DataLoader(CropFlip(small, 64, (0.5, 1.0)), batch_size=4)
+    fit(make(), loader(), tcfg, tmp_path / "part", stop_after=1)
     last = make()
-    fit(last, _fit_data(world), tcfg, tmp_path / "part", resume=True)
+    fit(last, loader(), tcfg, tmp_path / "part", resume=True)
     sa, sb = full.state_dict(), last.state_dict()
     assert sa.keys() == sb.keys() and any(k.startswith("momentum.") for k in sa)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -204,35 +227,258 @@ def test_on_step_is_an_ema(world, text_encoder):
     assert not any(p.requires_grad for p in m.momentum.parameters())
 
 
-def test_save_load_round_trip(world, text_encoder, tmp_path):
-    model = stage2(_model(world, text_encoder), cmc_weight=0.1).eval()
-    save_pretrained(model, tmp_path / "m")
+def test_stage2_control_has_no_momentum_encoder(world, text_encoder):
+    m1 = _model(world, text_encoder)
+    ctrl, s2 = stage2(m1, cmc_weight=0.0), stage2(m1, cmc_weight=0.1)
+    assert ctrl.momentum is None and s2.momentum is not None
+    assert all(torch.equal(a, b) for a, b in zip(ctrl.visual.parameters(), m1.visual.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(s2.momentum.parameters(), m1.visual.parameters()))
+    with pytest.raises(ValueError, match=">= 0"): stage2(m1, cmc_weight=-1)
+
+
+def test_save_load_round_trip(world, trained, tmp_path):
+    save_pretrained(trained, tmp_path / "m")
     back = from_pretrained(tmp_path / "m")
     x = WorldCaptions(world, "val")[0]["image"][None]
     names = ["background"] + list(world.class_names)
-    assert torch.equal(model.predict(x, names), back.predict(x, names))
+    assert torch.equal(trained.predict(x, names), back.predict(x, names))
     assert not any(k.startswith("text_encoder.") for k in
                    __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "m" / "model.safetensors")))
-    assert back.config == model.config
+    assert back.config == trained.config
 
 
-def test_predict_rules(world, text_encoder):
-    model = _model(world, text_encoder, topk=2, bg_thresh=0.5).eval()
+# --- inference ---------------------------------------------------------------------------------
+def test_predict_rules(world, trained):
+    model = trained
     x = torch.stack([WorldCaptions(world, "val")[i]["image"] for i in range(2)])
     names = list(world.class_names)
-    s = model.predict(x, names)
-    assert s.shape == (2, len(names), 64, 64)
-    # top-k filter: at most k classes score above zero per image
-    assert ((s.amax((2, 3)) > 0).sum(1) <= 2).all()
-    # background channel: constant per image, = min(bg_thresh, max group affinity)
-    sb = model.predict(x, ["background"] + names)
-    assert torch.allclose(sb[:, 1:], s) and (sb[:, 0] <= 0.5).all()
-    assert torch.all(sb[:, 0] == sb[:, 0, :1, :1])
-    # each pixel's scores are its group's: few distinct score vectors per image
-    assert len(torch.unique(s[0].flatten(1).T, dim=0)) <= model.config.groups
-    # sliding window for images larger than the window
-    mw = dataclasses.replace(model.config, window=32, stride=16)
-    model.config = mw
-    assert model.predict(x, names).shape == (2, len(names), 64, 64)
+    with _config(model, topk=2, bg_thresh=0.5):
+        s = model.scores(x, names)
+        assert s.shape == (2, len(names), 64, 64)
+        # predict = log of the scores floored at 1e-8 (argmax identical; softmax = scores normalised per pixel)
+        assert torch.allclose(model.predict(x, names), s.clamp_min(1e-8).log())
+        # top-k filter: at most k classes score above zero per image
+        assert ((s.amax((2, 3)) > 0).sum(1) <= 2).all()
+        # background channel: constant per image, = min(bg_thresh, max group affinity)
+        sb = model.scores(x, ["background"] + names)
+        assert torch.allclose(sb[:, 1:], s) and (sb[:, 0] <= 0.5).all()
+        assert torch.all(sb[:, 0] == sb[:, 0, :1, :1])
+        # each pixel's scores are its group's: few distinct score vectors per image
+        assert len(torch.unique(s[0].flatten(1).T, dim=0)) <= model.config.groups
+    with _config(model, window=32, stride=16):                       # sliding window for images larger than it
+        assert model.predict(x, names).shape == (2, len(names), 64, 64)
     with pytest.raises(ValueError, match="repeats"): model.predict(x, ["red circle", "red circle"])
     with pytest.raises(ValueError, match="only 'background'"): model.predict(x, ["background"])
+
+
+class _config:
+    "Temporarily replace fields of model.config."
+    def __init__(self, model, **kw): self.model, self.kw = model, kw
+    def __enter__(self): self.old = self.model.config; self.model.config = dataclasses.replace(self.old, **self.kw)
+    def __exit__(self, *a): self.model.config = self.old
+
+
+def test_choose_thresholds_equals_predict_and_never_uses_val(world, trained):
+    held = torch.utils.data.Subset(WorldSemantic(world, "train"), range(36, 48))
+    names = held.dataset.class_names
+    from ovseg.metrics import SemanticMetric
+    model = trained
+    with _config(model):
+        r = choose_thresholds(model, held, bg_grid=[0.2, 0.5, 0.8, 1.0], topk_grid=[1, 3], batch_size=5)
+        assert r["images"] == 12 and len(r["table"]) == 8
+        assert (model.config.topk, model.config.bg_thresh) == (r["topk"], r["bg_thresh"])
+        assert r["mIoU"] == max(t["mIoU"] for t in r["table"])
+        for row in (r["table"][0], r["table"][5]):                 # each row = mIoU of predict's argmax at that setting
+            model.config = dataclasses.replace(model.config, topk=row["topk"], bg_thresh=row["bg_thresh"])
+            m = SemanticMetric(len(names))
+            for i in range(len(held)):
+                s = held[i]; m.update(model.predict(s["image"][None], names)[0].argmax(0), s["label"])
+            assert abs(100 * m.compute()["mIoU"] - row["mIoU"]) < 1e-6
+        # strict split: only background + some classes; labels of the others are ignored
+        keep = [0] + [c + 1 for c in world.base_classes(0)]
+        before = dataclasses.replace(model.config)
+        rs = choose_thresholds(model, held, [0.5], [3], classes=keep, apply=False)
+        assert len(rs["table"]) == 1 and model.config == before                  # apply=False: the model is unchanged
+        with pytest.raises(ValueError, match="training images only"): choose_thresholds(model, WorldSemantic(world, "val"), [0.5])
+        with pytest.raises(ValueError, match="background"): choose_thresholds(model, held, [0.5], classes=[1, 2])
+        with pytest.raises(ValueError, match="empty"): choose_thresholds(model, held, [])
+
+
+def test_segment_and_cli_with_a_saved_model(world, trained, tmp_path, capsys):
+    from ovseg.cli import main
+    from ovseg.segment import segment
+    d = save_pretrained(trained, tmp_path / "ovs")
+    val = WorldSemantic(world, "val")
+    names = ["background"] + list(world.class_names)
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir(); labs.mkdir()
+    for i in range(3):
+        s = val[i]
+        Image.fromarray((s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(imgs / f"{i}.png")
+        Image.fromarray(s["label"].numpy().astype(np.uint8)).save(labs / f"{i}.png")
+    # background first: the model's own rule (label 0 where the best score is below min(bg_thresh, max affinity))
+    r = segment(imgs / "0.png", names, model=d)
+    x = val[0]["image"][None]
+    assert r.classes == names and np.array_equal(r.label, trained.predict(x, names)[0].argmax(0).numpy())
+    assert torch.allclose(r.probs, trained.scores(x, names)[0] / trained.scores(x, names)[0].sum(0), atol=1e-4)
+    # without 'background' every pixel gets a class
+    r2 = segment(imgs / "0.png", world.class_names[:5], model=d)
+    assert r2.classes == world.class_names[:5] and r2.label.max() < 5
+    assert main(["segment", str(imgs / "0.png"), "--classes", ", ".join(names), "--model", str(d), "--out", str(tmp_path / "seg")]) == 0
+    assert (tmp_path / "seg" / "0_label.png").exists()
+    assert main(["eval", str(imgs), str(labs), "--classes", ", ".join(names), "--model", str(d), "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["images"] == 3 and 0 <= m["mIoU"] <= 100 and set(m["IoU"]) == set(names)
+
+
+# --- settings, initialisation, recipes ---------------------------------------------------------
+def test_settings_section(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("profile: embedded\nprofiles:\n  embedded:\n    ovsegmentor:\n      init: random\n"
+                 "      model: {groups: 4, bg_thresh: 0.6, vocabulary: [red circle]}\n"
+                 "      stage1: {max_steps: 7, lr: 0.001}\n      bg_grid: [0.5, 0.7]\n      settings: [mec, cmc]\n")
+    s = load_config(p).params.ovsegmentor
+    assert isinstance(s, OVSegmentorSettings) and s.model.groups == 4 and s.model.bg_thresh == 0.6
+    assert s.stage1.max_steps == 7 and s.stage1.batch_size == TrainConfig().batch_size and s.bg_grid == [0.5, 0.7]
+    for bad, match in [("model: {bg_thresh: 1.5}", "bg_thresh"), ("model: {groupz: 4}", "groupz"),
+                       ("settings: [mec, magic]", "settings"), ("crop_scale: [0.9, 0.5]", "crop_scale"),
+                       ("model: {width: 100, heads: 3}", "heads")]:
+        p.write_text(f"profiles:\n  embedded:\n    ovsegmentor:\n      {bad}\n")
+        with pytest.raises(ConfigError, match=match): load_config(p)
+
+
+def test_setting_recipes():
+    assert setting_recipe("contrast") == dict(mec=False, stage2=False, cmc=False, random=False)
+    assert setting_recipe("cmc_random") == dict(mec=True, stage2=True, cmc=True, random=True)
+    assert setting_recipe("mec_stage2") == dict(mec=True, stage2=True, cmc=False, random=False)
+    with pytest.raises(ValueError, match="known"): setting_recipe("cmc2")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    "A random open_clip ViT in the embedded CLIP's folder format, with this model's sizes."
+    from ovseg.cliptrain import create_clip_model, save_clip
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": 2, "width": 24, "head_width": 8, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(3)
+    return save_clip(create_clip_model(cfg), tmp_path_factory.mktemp("clip"), cfg)
+
+
+def test_build_model_and_init(world, text_encoder, clip_dir, tmp_path):
+    s = OVSegmentorSettings(model=_cfg(world), init="embedded-clip")
+    m = build_model(s, "contrast", text_encoder=text_encoder, clip_dir=clip_dir)
+    sd = {k[len("visual."):]: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(clip_dir / "open_clip_model.safetensors")).items() if k.startswith("visual.")}
+    assert m.config.mec_weight == 0 and m.config.cmc_weight == 0 and m.init_copied
+    assert torch.equal(m.visual.stage1[0].attn.in_proj_weight, sd["transformer.resblocks.0.attn.in_proj_weight"])
+    assert torch.equal(m.visual.stage2[0].mlp.c_fc.weight, sd["transformer.resblocks.1.mlp.c_fc.weight"])
+    r = build_model(s, "cmc_random", text_encoder=text_encoder, clip_dir=clip_dir)
+    assert r.init_copied == [] and r.config.mec_weight == 1.0
+    assert not torch.equal(r.visual.stage1[0].attn.in_proj_weight, m.visual.stage1[0].attn.in_proj_weight)
+    # a state-dict file (open_clip layout here; timm's is tested in test_grouping) gives the same weights
+    torch.save({"state_dict": {f"module.visual.{k}": v for k, v in sd.items()}}, tmp_path / "vit.pth")
+    m2 = _model(world, text_encoder, seed=5)
+    assert init_visual(m2, str(tmp_path / "vit.pth")) and torch.equal(m2.visual.pos_embed, m.visual.pos_embed)
+    with pytest.raises(FileNotFoundError, match="not found"): init_visual(m2, str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="vocabulary"):
+        build_model(OVSegmentorSettings(model=_cfg(world, vocabulary=[]), init="random"), "mec", text_encoder=text_encoder)
+
+
+def test_crop_flip(world, data):
+    torch.manual_seed(0)
+    cf = CropFlip(data, 32, scale=(0.3, 0.6))
+    item = cf[0]
+    assert item["image"].shape == item["partner"].shape == (3, 32, 32) and item["caption"] == data[0]["caption"]
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    full = CropFlip(data, 64, scale=(1.0, 1.0), flip=False)[0]["image"]     # whole image at its own size: unchanged
+    assert torch.allclose(full, data[0]["image"], atol=1e-5)
+
+
+def test_caption_list(tmp_path):
+    for i in range(3): Image.new("RGB", (30 + i, 20), (80 * i, 40, 200)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "pairs.tsv").write_text("image\tcaption\n0.jpg\ta cat on a mat\n1.jpg\ttwo dogs\tand a cat\n\n2.jpg\t\n")
+    cl = CaptionList(tmp_path / "sub" / "pairs.tsv", root=tmp_path)
+    assert len(cl) == 3 and cl.captions == ["a cat on a mat", "two dogs\tand a cat", ""]
+    assert cl[1]["image"].shape == (3, 20, 31) and cl[1]["id"] == "1.jpg"
+    (tmp_path / "pairs.csv").write_text('0.jpg,"a cat, on a mat"\nmissing.jpg,a dog\n')
+    cl = CaptionList(tmp_path / "pairs.csv", size=10)
+    assert cl.captions == ["a cat, on a mat", "a dog"] and cl[0]["image"].shape[-2] == 10
+    with pytest.warns(UserWarning, match="missing.jpg"): assert cl[1]["id"] == "0.jpg"
+    (tmp_path / "bad.csv").write_text("0.jpg,a cat\njust-one-field\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2"): CaptionList(tmp_path / "bad.csv")
+    (tmp_path / "gone.csv").write_text("x.jpg,a\ny.jpg,b\n")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="unreadable"): CaptionList(tmp_path / "gone.csv")[0]
+    with pytest.raises(FileNotFoundError, match="caption list"): CaptionList(tmp_path / "none.csv")
+
+
+# --- PASCAL Context-60 and the paper profile's pieces ------------------------------------------
+def _context_fixture(root):
+    "VOC2010 + PASCAL Context in the layout `prepare_dataset('pc59')` writes (.mat labels converted to PNGs)."
+    import scipy.io
+    from ovseg import data as D
+    d = root / "VOCdevkit/VOC2010"
+    (d / "ImageSets/Main").mkdir(parents=True); (d / "trainval").mkdir(); (d / "JPEGImages").mkdir()
+    (d / "labels.txt").write_text("".join(f"{k}: {n}\n" for k, n in enumerate(["accordion", "aeroplane", "bag", "person", "zebra"], 1)))
+    (d / "ImageSets/Main/train.txt").write_text("2008_000001\n")
+    (d / "ImageSets/Main/val.txt").write_text("2008_000002\n")
+    rng = np.random.default_rng(0)
+    for i in ("2008_000001", "2008_000002"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"JPEGImages/{i}.jpg")
+        lab = np.resize(np.array([0, 1, 2, 4, 5], np.uint16), (40, 48))
+        scipy.io.savemat(d / f"trainval/{i}.mat", {"LabelMap": lab})
+    D.PREPARE["pc60"]["convert"](root)          # the conversion step of prepare_dataset('pc60')
+    return d
+
+
+def test_pascal_context_60(tmp_path):
+    from ovseg.data import create_dataset, list_datasets, PC59
+    _context_fixture(tmp_path)
+    assert "pc60" in list_datasets()
+    p60, p59 = create_dataset("pc60", tmp_path, "val"), create_dataset("pc59", tmp_path, "val")
+    assert p60.num_classes == 60 and p60.class_names[0] == "background" and p60.class_names[1:] == p59.class_names
+    lab60, lab59 = p60[0]["label"], p59[0]["label"]
+    # aeroplane -> 1, person -> 1 + its PC-59 index; accordion / zebra / unlabelled -> background 0 (PC-59: ignored)
+    assert sorted(lab60.unique().tolist()) == [0, 1, 1 + PC59.index("person")]
+    assert torch.equal(lab60[lab59 != 255], lab59[lab59 != 255] + 1) and (lab60[lab59 == 255] == 0).all()
+    bad = tmp_path / "VOCdevkit/VOC2010/SegmentationClassContext/2008_000002.png"
+    Image.fromarray(np.full((40, 48), 77, np.uint8)).save(bad)
+    with pytest.raises(ValueError, match="77"): p60[0]
+
+
+def _tiny_bert(d):
+    from transformers import BertConfig, BertModel, BertTokenizer
+    d.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "dog", "and", "on", "mat", "."]
+    (d / "vocab.txt").write_text("\n".join(words))
+    BertTokenizer(str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(str(d))
+    return d
+
+
+def test_paper_pieces_on_fixtures(tmp_path):
+    "paper_config's layout (patch 16, BERT [CLS], DINO-style timm init, windows) scaled down, on files made here."
+    import timm
+    from safetensors.torch import save_file
+    from ovseg.data import create_dataset
+    from ovseg.experiment import evaluate_semantic
+    from ovseg.ovsegmentor import paper_config
+    bert = _tiny_bert(tmp_path / "bert")
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "dino.safetensors"))
+    for i in range(4): Image.new("RGB", (40, 36), (60 * i, 100, 30)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "cc.tsv").write_text("".join(f"{i}.jpg\ta photo of a {'cat' if i % 2 else 'dog'} on the mat\n" for i in range(4)))
+    cfg = paper_config(image_size=32, width=32, heads=8, depths=[1, 1], group_tokens=8, groups=4, embed_dim=16, proj_hidden=32,
+                       text_weights=str(bert), vocabulary=["cat", "dog", "mat"], window=32, stride=16, drop_path=0.0)
+    s = OVSegmentorSettings(model=cfg, init=str(tmp_path / "dino.safetensors"), stage1=TrainConfig(max_steps=2, batch_size=2, device="cpu"))
+    m = build_model(s, "mec")
+    assert m.text_encoder.name == "bert-base" and m.config.text_pooling == "cls" and len(m.init_copied) > 10
+    assert torch.equal(m.visual.stage2[0].attn.in_proj_weight, vit.blocks[1].attn.qkv.weight)
+    data = EntityCaptions(CaptionList(tmp_path / "cc.tsv"), cfg.vocabulary)
+    train_stage(m, data, s.stage1, tmp_path / "run", crop_scale=(0.08, 1.0))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 2
+    _context_fixture(tmp_path / "data")
+    r = evaluate_semantic(m, create_dataset("pc60", tmp_path / "data", "val"), window=0)   # 40x48 > window 32: model windows
+    assert 0 <= r["mIoU"] <= 100
