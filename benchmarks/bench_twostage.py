@@ -10,6 +10,14 @@ CLIP weights are random (speed does not depend on them). Defaults are the embedd
 (the embedded CLIP's architecture, 64 px crops, Q=16, 8 images of 64 px); `--clip vit-b-16
 --queries 100 --size 512 --images 1` is the paper's setting (slow on CPU).
     python benchmarks/bench_twostage.py [--threads 1] [--repeats 3]
+
+`--whole`: seconds per image of the whole two-stage inference (`ZsSeg.predict` on one image:
+frozen backbone, proposals, masked crops, CLIP on every crop, ensemble, semantic map) next to
+the bare CLIP forward (the image tower once on the image resized to its input size, what dense
+CLIP needs), one image per call as `ovseg segment` runs it. `--clip embedded`: EfficientNet-Lite0
+taps, the embedded CLIP's architecture, Q=16, 64 px images; `--clip vit-b-16`: timm ResNet-101-D,
+ViT-B/16, Q=100, `--size` px images. Random weights: speed does not depend on them.
+    python benchmarks/bench_twostage.py --whole [--clip vit-b-16 --size 512 --images 2]
 """
 import argparse, os, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("OVSEG_PROGRESS", "0")
@@ -51,8 +59,10 @@ def main():
     ap.add_argument("--clip", choices=["embedded", "vit-b-16"], default="embedded")
     ap.add_argument("--queries", type=int, default=16); ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--whole", action="store_true", help="s/image of the whole two-stage inference vs the bare CLIP forward")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.whole: return whole(a)
     import open_clip
     from ovseg.maskgen import CLIP_MEAN, mask_crops
     torch.manual_seed(0)
@@ -113,6 +123,50 @@ def main():
 
 def _time(fn):
     t = time.perf_counter(); fn(); return time.perf_counter() - t
+
+
+def whole(a):
+    "Seconds per image: ZsSeg.predict (everything) vs one forward of the CLIP image tower, best of --repeats."
+    import tempfile
+    import open_clip
+    import ovseg.maskgen  # registers timm-features:
+    from ovseg.encoders import create_clip, create_visual_encoder
+    from ovseg.twostage import ZsSeg, ZsSegConfig, paper_config
+    names = [f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange") for s in ("circle", "square", "triangle", "cross", "ring")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.clip == "embedded":
+            from ovseg.core import ClipTrainConfig
+            from ovseg.cliptrain import clip_model_cfg
+            from ovseg.encoders import save_open_clip_dir
+            mcfg = clip_model_cfg(ClipTrainConfig(), 64)
+            torch.manual_seed(0)
+            save_open_clip_dir(open_clip.CLIP(**mcfg), tmp, mcfg)
+            clip = create_clip(f"open_clip:{tmp}")
+            cfg = ZsSegConfig(backbone="random:efficientnet-lite0", clip=f"open_clip:{tmp}", queries=a.queries,
+                              class_names=names, unseen=list(range(0, 30, 4)))
+        else:
+            clip = create_clip("random:open_clip:ViT-B-16")
+            cfg = paper_config("coco-stuff", backbone="random:timm-features:resnet101d", clip="random:open_clip:ViT-B-16",
+                               weights={}, queries=a.queries, class_names=names, unseen=list(range(0, 30, 4)))
+        backbone = create_visual_encoder(cfg.backbone, taps=tuple(cfg.taps))
+        model = ZsSeg(cfg, backbone=backbone, clip=clip).eval()
+        model.class_embeddings(names)                                   # text is cached per name: not part of the image cost
+        imgs = torch.rand(a.images, 3, a.size, a.size)
+        S = model.crop_size
+        with torch.inference_mode():
+            two = lambda: [model.predict(imgs[i:i + 1], names) for i in range(a.images)]
+            bare = lambda: [clip[0](torch.nn.functional.interpolate(imgs[i:i + 1], size=(S, S), mode="bicubic", align_corners=False))
+                            for i in range(a.images)]
+            parts = {"two-stage (ZsSeg.predict)": two, "bare CLIP forward": bare}
+            for fn in parts.values(): fn()                              # warm-up
+            best = {k: min(_time(fn) for _ in range(a.repeats)) / a.images for k, fn in parts.items()}
+            emb, masks = model.proposals(imgs[:1])
+            n_crops = int((masks.sigmoid() > cfg.mask_threshold).flatten(2).any(-1).sum())
+    arch = "the embedded CLIP's architecture" if a.clip == "embedded" else "ViT-B-16"
+    print(f"whole inference, {a.size}px images, one per call, backbone {cfg.backbone}, CLIP {arch} "
+          f"({S}px crops), Q={a.queries} ({n_crops} non-empty on the first image), threads {a.threads}, best of {a.repeats}")
+    base = best["bare CLIP forward"]
+    for k, t in best.items(): print(f"  {k:28s} {t:8.4f} s/image   x{t / base:6.1f} of the bare CLIP forward")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from .maskgen import (MLP, HungarianMatcher, MaskProposer, PixelDecoder, SetCrit
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['paper_config', 'ZeroShotTrainView', 'zero_shot_data', 'PromptLearner', 'build_zsseg_encoders', 'name_key', 'ZsSeg']
+__all__ = ['ABLATION_ROWS', 'paper_config', 'ZeroShotTrainView', 'zero_shot_data', 'PromptLearner', 'build_zsseg_encoders',
+           'name_key', 'ZsSeg', 'ensemble_row', 'ablation_scores', 'choose_lam']
 
 # %% ../nbs/10_twostage.ipynb #b3960c5c
 from .core import ZsSegBenchmark, ZsSegConfig, ZsSegSettings   # typed settings live in ovseg.core (params.yaml `zsseg`)
@@ -360,3 +361,59 @@ class ZsSeg(nn.Module):
         with torch.no_grad(): feats = F.normalize(self.clip_visual(crops[valid]).global_.to(self.device).float(), dim=-1)
         target = valid.nonzero()[:, 1]
         return F.cross_entropy(self.config.logit_scale * feats @ self.prompt(seen, self.clip_text).T, target)
+
+# %% ../nbs/10_twostage.ipynb #645377bf
+ABLATION_ROWS = {"proposals": "proposal classifier only", "clip": "CLIP on crops only",
+                 "oracle_masks": "oracle masks + CLIP", "oracle_classes": "predicted masks + oracle classes",
+                 "per_pixel": "one-stage per-pixel"}
+
+def ensemble_row(lam: float) -> str:
+    "The row name of the ensemble at λ = `lam` in `ablation_scores`."
+    return f"ensemble lam={lam:g}"
+
+@torch.no_grad()
+def ablation_scores(model: ZsSeg, dataset, unseen: Sequence[int], lams: Sequence[float] = (0.8,),
+                    class_names: Sequence[str] | None = None, batch_size: int = 50,
+                    oracles: Sequence[str] = ("oracle_masks", "oracle_classes"), limit: int | None = None) -> dict[str, dict[str, float]]:
+    """{row: {mIoU, mIoU_seen, mIoU_unseen, hIoU, pAcc}} (%) of `model` on `dataset` (same-size `image`s, `label`s
+    indexing `class_names`, default `dataset.class_names`; 255 ignored), `unseen` class indices. Rows: `ABLATION_ROWS`
+    keys and `ensemble_row(λ)` for each of `lams`; `oracles`: which oracle rows to compute; a per-pixel model gives
+    only 'per_pixel'."""
+    from ovseg.data import collate
+    from ovseg.maskgen import oracle_classes
+    from ovseg.metrics import SemanticMetric
+    names = _check_names(list(class_names or dataset.class_names))
+    bad = set(oracles) - {"oracle_masks", "oracle_classes"}
+    if bad: raise ValueError(f"unknown oracle rows {sorted(bad)}; choose among 'oracle_masks', 'oracle_classes'")
+    K, n = len(names), len(dataset) if limit is None else min(limit, len(dataset))
+    metrics: dict[str, SemanticMetric] = {}
+    def update(row, scores, label): metrics.setdefault(row, SemanticMetric(K)).update(scores.cpu(), label)
+    model.eval()
+    text, seen = model.class_embeddings(names), model.seen_flags(names)
+    for s in range(0, n, batch_size):
+        b = collate([dataset[i] for i in range(s, min(n, s + batch_size))])
+        x, label = b["image"].to(model.device).float(), b["label"].long()
+        if model.config.head == "per_pixel":
+            update("per_pixel", model.predict(x, names), label); continue
+        emb, mask_logits = model.proposals(x)
+        m = mask_logits.sigmoid()
+        ql = model.query_logits(emb, text)
+        cl, valid = model.classify_masks(x, m, text)
+        sem = lambda p: torch.einsum("bqk,bqhw->bkhw", p, m)
+        update("proposals", sem(two_stage_ensemble(ql, None, None, seen, None)), label)
+        update("clip", sem(two_stage_ensemble(ql, cl, valid, seen, 0.0)), label)
+        for lam in lams: update(ensemble_row(lam), sem(two_stage_ensemble(ql, cl, valid, seen, lam)), label)
+        if "oracle_masks" in oracles: update("oracle_masks", model.predict_with_masks(x, names, oracle_masks(label, K)), label)
+        if "oracle_classes" in oracles: update("oracle_classes", sem(oracle_classes(m, label.to(m.device), K)), label)
+    out = {}
+    for row, met in metrics.items():
+        r = met.compute(unseen=list(unseen))
+        out[row] = {k: 100 * float(r[k]) for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc")}
+    return out
+
+def choose_lam(scores: dict[str, dict[str, float]], lams: Sequence[float], key: str = "hIoU") -> float:
+    "The λ of `lams` whose ensemble row of `ablation_scores` output has the highest `key` (ties: the first)."
+    if not lams: raise ValueError("no λ candidates given")
+    missing = [l for l in lams if ensemble_row(l) not in scores]
+    if missing: raise ValueError(f"scores have no ensemble rows for λ {missing}; pass the same lams to ablation_scores")
+    return max(lams, key=lambda l: (scores[ensemble_row(l)][key], -list(lams).index(l)))

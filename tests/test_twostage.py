@@ -342,3 +342,33 @@ def test_zero_shot_data_on_real_layouts(tmp_path):
     assert len(names) == 171 and len(unseen) == 15 and len(names) - len(unseen) == 156
     assert [train.dataset.items[i][2] for i in train.index] == ["1"]
     assert sorted(train[0]["label"].unique().tolist()) == [0, 255] and len(val) == 3
+
+
+def test_ablation_scores_match_predict(clipdir, world):
+    "Every row of ablation_scores is the metric of the corresponding prediction, computed separately."
+    from ovseg.maskgen import oracle_classes, oracle_masks
+    from ovseg.metrics import SemanticMetric
+    from ovseg.twostage import ablation_scores, choose_lam, ensemble_row
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world)).eval()
+    val = WorldSemantic(world, "val", background="ignore")
+    names, unseen = list(world.class_names), world.novel_classes(0)
+    scores = ablation_scores(model, val, unseen, lams=(0.3, 0.8), batch_size=3)     # batches of 3 (the last one short)
+    b = collate([val[i] for i in range(len(val))])
+    def score(logits):
+        m = SemanticMetric(30); m.update(logits, b["label"]); r = m.compute(unseen=unseen)
+        return {k: 100 * r[k] for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc")}
+    want = {"proposals": score(model.predict(b["image"], names, lam=None)), "clip": score(model.predict(b["image"], names, lam=0.0)),
+            ensemble_row(0.3): score(model.predict(b["image"], names, lam=0.3)),
+            ensemble_row(0.8): score(model.predict(b["image"], names, lam=0.8)),
+            "oracle_masks": score(model.predict_with_masks(b["image"], names, oracle_masks(b["label"], 30)))}
+    _, masks = model.proposals(b["image"])
+    want["oracle_classes"] = score(torch.einsum("bqk,bqhw->bkhw", oracle_classes(masks.sigmoid(), b["label"], 30), masks.sigmoid()))
+    assert set(scores) == set(want)
+    for row, w in want.items():
+        for k, v in w.items(): assert scores[row][k] == pytest.approx(v, abs=1e-6, nan_ok=True), (row, k)
+    # rows can be left out; unknown oracle rows and λ without an ensemble row are refused
+    assert ablation_scores(model, val, unseen, lams=(), oracles=()).keys() == {"proposals", "clip"}
+    with pytest.raises(ValueError, match="unknown oracle"): ablation_scores(model, val, unseen, oracles=("oracle_boxes",))
+    assert choose_lam({ensemble_row(0.5): {"hIoU": 2.0}, ensemble_row(0.7): {"hIoU": 2.0}}, [0.5, 0.7]) == 0.5   # ties: the first
+    with pytest.raises(ValueError, match="no ensemble rows"): choose_lam(scores, [0.6])
