@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['TINY_CLIP_CFG', 'DEFAULT_TEMPLATES', 'interpolate_pos_embed', 'dense_clip_tokens', 'encode_class_names',
+__all__ = ['TINY_CLIP_CFG', 'DEFAULT_TEMPLATES', 'interpolate_pos_embed', 'value_path', 'dense_clip_tokens', 'encode_class_names',
            'load_open_clip', 'DenseCLIP']
 
 # %% ../nbs/13_denseclip.ipynb #945544d2
@@ -30,7 +30,7 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
     return torch.cat([cls, grid], 0)
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
-def _value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
+def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
     "The last block with query–key attention replaced by the value path (batch-first `x`)."
     attn = block.attn
     if not isinstance(attn, nn.MultiheadAttention) and not hasattr(attn, "in_proj_weight"):
@@ -69,7 +69,7 @@ def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = 
     if not batch_first: x = x.transpose(0, 1)
     for blk in blocks[:-1]: x = blk(x)
     if not batch_first: x = x.transpose(0, 1)
-    x = _value_path(blocks[-1], x, residual, mlp)
+    x = value_path(blocks[-1], x, residual, mlp)
     x = visual.ln_post(x[:, 1:])
     if visual.proj is not None: x = x @ visual.proj
     return x.transpose(1, 2).reshape(B, -1, gh, gw)

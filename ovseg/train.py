@@ -117,7 +117,7 @@ def _loader_like(loader, sampler):
 # %% ../nbs/08_train.ipynb #14fdde15
 ARCHS: dict[str, type] = {}
 # archs whose defining module is not `ovseg.<arch>`; from_pretrained imports it on demand
-ARCH_MODULES = {"zsseg": "ovseg.twostage"}
+ARCH_MODULES = {"zsseg": "ovseg.twostage", "fisa": "ovseg.fisa"}
 
 def register_arch(name: str, cls: type | None = None):
     "Register `cls` under `name` (usable as a decorator); sets `cls.arch = name`; warns when replacing another class."
