@@ -5,7 +5,8 @@ precomputed once, or loaded with --generator) is frozen. On val (all 30 classes,
 it scores mIoU-seen / unseen / hIoU / pAcc for masks x classifiers (METHODS.md 3.3, Table F1):
   predicted masks + the generator's own class head        (the conventional paradigm's classifier)
   predicted masks + frozen CLIP (mask pooling)            (alone, and ensembled with the head)
-  ground-truth masks + frozen CLIP
+  predicted masks + frozen CLIP on masked crops (zsseg)   (alone, and ensembled with the head)
+  ground-truth masks + frozen CLIP                        (mask pooling, and crops)
   predicted masks + oracle classes (IoU assignment)
   ground-truth masks + ground-truth classes               (100 by construction)
 then trains FISA (SEVE + norms + LoRA) on the seen classes and adds its rows (adapted CLIP alone,
@@ -75,17 +76,24 @@ def main():
     row("predicted masks + generator head", ev(Head(frozen)))
     row("predicted masks + frozen CLIP", ev(alone))
     row("predicted masks + frozen CLIP + head (ensemble)", ev(frozen))
+    class Crops(torch.nn.Module):                                      # zsseg's classifier: frozen CLIP on masked crops
+        def __init__(self, g, lam): super().__init__(); self.g, self.lam = g, lam
+        def predict(self, x, n): return self.g.predict(x, n, lam=self.lam)
+    row("predicted masks + frozen CLIP on crops (zsseg)", ev(Crops(gen, 0.0)))
+    row("predicted masks + crops + head (zsseg ensemble)", ev(Crops(gen, s.model.lam)))
 
     def oracle_rows(model, tag):
-        gt_clip, pred_oracle = SemanticMetric(K), SemanticMetric(K)
+        gt_clip, gt_crops, pred_oracle = SemanticMetric(K), SemanticMetric(K), SemanticMetric(K)
         for i in range(len(sub)):
             smp = sub[i]
             x, lab = smp["image"][None], smp["label"][None]
             gt_clip.update(model.predict_with_masks(x, names, oracle_masks(lab, K))[0], lab[0])
+            gt_crops.update(gen.predict_with_masks(x, names, oracle_masks(lab, K))[0], lab[0])
             with torch.no_grad(): _, ml = gen.proposals(x)
             p = oracle_classes(ml.sigmoid(), lab, K)
             pred_oracle.update(torch.einsum("bqk,bqhw->bkhw", p, ml.sigmoid())[0], lab[0])
         row(f"ground-truth masks + {tag}", {k: 100 * v for k, v in gt_clip.compute(unseen=unseen).items() if k in keys})
+        row("ground-truth masks + frozen CLIP on crops (zsseg)", {k: 100 * v for k, v in gt_crops.compute(unseen=unseen).items() if k in keys})
         return pred_oracle
     po = oracle_rows(alone, "frozen CLIP")
     row("predicted masks + oracle classes", {k: 100 * v for k, v in po.compute(unseen=unseen).items() if k in keys})

@@ -102,12 +102,12 @@ def test_trainable_fractions_are_ordered(generator):
 def test_training_lowers_the_loss_and_touches_only_the_trainable_part(generator, world):
     torch.manual_seed(0)
     model = Fisa(FisaConfig(), generator=generator)
-    batch = _batch(world, 8)
+    batch = _batch(world, 6)
     before_gen = {k: v.clone() for k, v in generator.state_dict().items()}
     frozen_tower = model.tower.visual.conv1.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(10):
+    for _ in range(8):
         loss = model.train().training_loss(batch); opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert model.last_losses["masks"] > 0 and model.tower.seve.gate.abs() > 0
@@ -128,8 +128,8 @@ def test_fit_save_load_segment_and_panoptic(generator, world, tmp_path):
     torch.manual_seed(1)
     model = Fisa(FisaConfig(lam=0.7), generator=generator)
     ds = ZeroShotTrainView(WorldSemantic(world, "train", background="ignore", fold=0, novel="ignore"))
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate)
-    fit(model, loader, TrainConfig(max_steps=3, lr=3e-3, device="cpu", log_every=1), tmp_path / "run")
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
+    fit(model, loader, TrainConfig(max_steps=2, lr=3e-3, device="cpu", log_every=1), tmp_path / "run")
     d = tmp_path / "run" / "model"
     saved = json.loads((d / "config.json").read_text())
     assert saved["arch"] == "fisa" and saved["config"]["generator_config"]["queries"] == 6
@@ -144,8 +144,19 @@ def test_fit_save_load_segment_and_panoptic(generator, world, tmp_path):
     assert torch.allclose(back.predict(x, names), model.eval().predict(x, names), atol=1e-5)
     res = ovseg.segment((x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8), names, model=str(d))
     assert res.label.shape == (64, 64) and res.classes == names and res.label.max() < len(names)
+    # the CLI scores it on a folder of images and label PNGs
+    from ovseg.cli import main
+    val = WorldSemantic(world, "val", background="ignore")
+    (tmp_path / "img").mkdir(); (tmp_path / "lab").mkdir()
+    for i in range(2):
+        s = val[i]
+        Image.fromarray((s["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        Image.fromarray(s["label"].numpy().astype(np.uint8)).save(tmp_path / "lab" / f"{i}.png")
+    assert main(["eval", str(tmp_path / "img"), str(tmp_path / "lab"), "--classes", ", ".join(world.class_names),
+                 "--model", str(d), "--out", str(tmp_path / "m.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["mIoU"] <= 100
     # PQ of its panoptic output on the world (objects are things, background void)
-    r = evaluate_panoptic(back, WorldSemantic(world, "val", background="ignore", instances=True), max_images=3)
+    r = evaluate_panoptic(back, WorldSemantic(world, "val", background="ignore", instances=True), max_images=2)
     assert r["n"] >= 1 and 0 <= r["PQ"] <= 1 and 0 <= r["RQ"] <= 1
 
 
@@ -244,13 +255,13 @@ def test_coco_panoptic_layout_and_errors(tmp_path):
 
 def test_paper_path_on_real_layouts(clipdir, tmp_path):
     root = tmp_path / "data"
-    _panoptic_fixture(root / "coco", "annotations/panoptic_train2017.json", "annotations/panoptic_train2017", "train2017", 4, CATS)
+    _panoptic_fixture(root / "coco", "annotations/panoptic_train2017.json", "annotations/panoptic_train2017", "train2017", 2, CATS)
     ade = root / "ADEChallengeData2016"
     _panoptic_fixture(ade, "ade20k_panoptic_val.json", "ade20k_panoptic_val", "images/validation", 2, CATS, seed=1)
     (ade / "annotations/validation").mkdir(parents=True)
     for i in range(2):                                                             # ADE-150 semantic labels of the same images
         Image.fromarray(np.resize(np.arange(0, 151, dtype=np.uint8), (64, 64))).save(ade / f"annotations/validation/{i:04d}.png")
-    tiny = TrainConfig(max_steps=2, batch_size=2, lr=1e-3, device="cpu", log_every=1)
+    tiny = TrainConfig(max_steps=1, batch_size=2, lr=1e-3, device="cpu", log_every=1)
     settings = FisaSettings(benchmark="real", train=tiny, generator_train=tiny, generator_dir=str(tmp_path / "gen"),
                             generator=dict(TINY_GEN, clip=f"open_clip:{clipdir}", weights={}),
                             model=FisaConfig(depth=1, dense="value", pool="binary", lam_seen=0.6, prompt="a photo of a {}."))
