@@ -31,7 +31,7 @@ def build(args):
     from ovseg.core import load_config
     from ovseg.fusioner import Fusioner, build_encoders
     torch.manual_seed(0)
-    fc = load_config("params.yaml", "paper").params.fusioner      # the official recipe's head options
+    fc = load_config("params.yaml", "paper").params.fusioner.model   # the official recipe's head options
     if args.device == "cuda":
         spec = "random:open_clip:ViT-L-14-quickgelu"
         fc = dataclasses.replace(fc, visual=spec, text=spec, pretrained="", depth=args.depth or 12)

@@ -201,7 +201,7 @@ def _cmd_train(a) -> int:
     from ovseg.train import run_policy
     cfg = load_config(a.params, a.profile)
     if a.resume and a.overwrite: return _error("--resume continues the run in --out, --overwrite replaces it: pass one")
-    n_folds = cfg.params.world.n_folds if cfg.profile == "embedded" else 4   # PASCAL-5i / COCO-20i: 4 folds
+    n_folds = cfg.params.world.n_folds if cfg.params.fusioner.benchmark == "world" else 4   # PASCAL-5i / COCO-20i: 4 folds
     if a.fold is not None and not 0 <= a.fold < n_folds:
         return _error(f"--fold {a.fold} does not exist: folds are 0..{n_folds - 1}")
     ck = Path(a.out) / "checkpoint"

@@ -7,20 +7,23 @@ pretrained CLIP (`create_clip("open_clip:outputs/embedded_clip")`)."""
 
 # %% ../nbs/06_cliptrain.ipynb #4839653d
 from __future__ import annotations
-import copy, json, math, os, time
+import copy, json, math, os, tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .core import ClipTrainConfig, atomic_write, atomic_write_text, progress, seed_everything
+from .core import ClipTrainConfig, TrainConfig, seed_everything
 from .embedded import World, WorldCaptions, _caption
+from .encoders import load_open_clip, prompt_ensemble, save_open_clip_dir
+from .train import fit
 
 # %% auto #0
-__all__ = ['PREPROCESS_CFG', 'CLASS_TEMPLATES', 'clip_model_cfg', 'create_clip_model', 'clip_tokenizer', 'normalize', 'save_clip',
-           'load_clip', 'object_crops', 'contrastive_loss', 'train_clip', 'class_embeddings', 'dense_embeddings',
-           'crop_scores', 'crop_accuracy', 'evaluate_clip']
+__all__ = ['PREPROCESS_CFG', 'clip_model_cfg', 'create_clip_model', 'clip_tokenizer', 'normalize', 'save_clip', 'load_clip',
+           'object_crops', 'contrastive_loss', 'CaptionBatches', 'ContrastiveCLIP', 'train_clip', 'class_embeddings',
+           'dense_embeddings', 'crop_scores', 'crop_accuracy', 'evaluate_clip']
 
 # %% ../nbs/06_cliptrain.ipynb #9ce6a62e
 PREPROCESS_CFG = {"size": 64, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],
@@ -35,7 +38,7 @@ def clip_model_cfg(ccfg: ClipTrainConfig, image_size: int = 64) -> dict:
             "text_cfg": {"context_length": ccfg.context_length, "vocab_size": 49408, "width": ccfg.text_width,
                          "heads": ccfg.text_heads, "layers": ccfg.text_layers}}
 
-def create_clip_model(model_cfg: dict, image_size: int | None = None):
+def create_clip_model(model_cfg: dict):
     "A randomly initialised open_clip CLIP; remembers its config and preprocessing."
     import open_clip
     model = open_clip.model.CLIP(**copy.deepcopy(model_cfg))
@@ -58,28 +61,19 @@ def normalize(model, images01: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/06_cliptrain.ipynb #57d4a87f
 def save_clip(model, out_dir: str | os.PathLike, model_cfg: dict | None = None) -> Path:
-    "Write `model` as open_clip_config.json + open_clip_model.safetensors in `out_dir`."
-    from safetensors.torch import save_file
-    d = Path(out_dir); d.mkdir(parents=True, exist_ok=True)
-    model_cfg = model_cfg or model.ovseg_model_cfg
+    "Write `model` as open_clip_config.json + open_clip_model.safetensors in `out_dir` (`ovseg.encoders.save_open_clip_dir`)."
     pp = dict(getattr(model.visual, "preprocess_cfg", None) or PREPROCESS_CFG)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(d / "open_clip_model.safetensors", lambda p: save_file(sd, str(p)))
-    atomic_write_text(d / "open_clip_config.json", json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=1))
-    return d
+    return save_open_clip_dir(model, out_dir, model_cfg or model.ovseg_model_cfg, pp)
 
 def load_clip(out_dir: str | os.PathLike):
-    "Load a saved embedded CLIP: (model in eval mode, tokenizer)."
-    import open_clip
+    "Load a saved embedded CLIP through `ovseg.encoders.load_open_clip`: (model in eval mode, tokenizer)."
     d = Path(out_dir)
     if not (d / "open_clip_config.json").exists():
         raise FileNotFoundError(f"no embedded CLIP at {d} (open_clip_config.json missing); "
                                 "train one with `dvc repro embedded_clip`")
-    from ovseg.encoders import check_open_clip_dir
-    check_open_clip_dir(d)   # open_clip alone would build random weights for a folder without them
-    model = open_clip.create_model(f"local-dir:{d}")
+    model, tok, _, _ = load_open_clip(str(d), frozen=False)   # checks the folder: never random weights
     model.ovseg_model_cfg = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]
-    return model.eval(), open_clip.get_tokenizer(f"local-dir:{d}")
+    return model, tok
 
 # %% ../nbs/06_cliptrain.ipynb #e0f4fd2a
 def _objects(world: World, split: str, exclude=()) -> tuple[dict, dict]:
@@ -128,86 +122,118 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 def _object_sampler(world: World, exclude, S: int):
-    "Draws `k` object crops of distinct classes with their captions (or None when off)."
+    "Draws `k` object crops of distinct classes with their captions (`images=False`: the same draws, no crops)."
     objs, arrs = _objects(world, "train", exclude)
     by_class = {int(c): np.nonzero(objs["cls"] == c)[0] for c in np.unique(objs["cls"])}
     classes = np.array(sorted(by_class))
-    def draw(rng, k: int):
+    def draw(rng, k: int, images: bool = True):
         cs = rng.permutation(classes)[:k]
         pick = np.array([rng.choice(by_class[int(c)]) for c in cs])
-        crops = _crop_objects(arrs, objs["image"][pick], objs["slot"][pick], S)
+        crops = _crop_objects(arrs, objs["image"][pick], objs["slot"][pick], S) if images else None
         return crops, [_caption(rng, [int(c)], "plain", world.class_names) for c in cs]
     return draw
 
-def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | None = None,
-               out_dir: str | os.PathLike | None = None, log_every: int = 10, device: str = "cpu"):
-    "Train an embedded CLIP on `world`'s train captions (and object crops); returns (model, tokenizer, history)."
-    g = seed_everything(seed)
-    steps = ccfg.steps if steps is None else steps
-    mcfg = clip_model_cfg(ccfg, world.cfg.image_size)
-    model = create_clip_model(mcfg).to(device).train()
-    tok = clip_tokenizer(mcfg)
-    exclude = world.novel_classes(ccfg.holdout_fold) if ccfg.holdout_fold >= 0 else ()
-    data = _train_arrays(world, "train", exclude)
-    draw_objects = _object_sampler(world, exclude, world.cfg.image_size) if ccfg.object_crops > 0 else None
-    n = len(data["images"])
-    decay = [p for n_, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n_]
-    rest = [p for n_, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n_)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ccfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=ccfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    def lr_at(s):
-        if s < ccfg.warmup: return (s + 1) / ccfg.warmup
-        return 0.5 * (1 + math.cos(math.pi * (s - ccfg.warmup) / max(1, steps - ccfg.warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = np.random.default_rng([seed, 6])
-    bs = min(ccfg.batch_size, n)
-    hist = {"step": [], "loss": [], "seconds": []}
-    colour = np.array([world.attributes[int(c[c >= 0][0])][0] for c in data["classes"]])
-    by_colour = [np.nonzero(colour == k)[0] for k in range(len(world.cfg.colours))]
-    t0, perm, pos, run = time.perf_counter(), torch.randperm(n, generator=g), 0, []
-    bar = progress(range(steps), desc="embedded CLIP")
-    for step in bar:
-        if ccfg.group_size > 1: idx = torch.from_numpy(_grouped_batch(rng, by_colour, bs, ccfg.group_size))
+class CaptionBatches(torch.utils.data.Dataset):
+    """The training stream: item `i` is step i's whole batch `{"image": (B,3,S,S) in [0,1], "text": (B, L)
+    tokens}`, scene images with captions (shuffled, or in groups sharing an object colour) then masked object
+    crops captioned by their class, each flipped at random. All draws come from one generator seeded by
+    `seed`, in step order; asked for another step (a resumed run) it replays the earlier steps' draws
+    (without their images), so a resumed run sees the same batches as an uninterrupted one."""
+    def __init__(self, world: World, ccfg: ClipTrainConfig, tokenizer, seed: int = 0, steps: int | None = None):
+        self.world, self.ccfg, self.tok, self.seed = world, ccfg, tokenizer, seed
+        self.steps = ccfg.steps if steps is None else steps
+        exclude = world.novel_classes(ccfg.holdout_fold) if ccfg.holdout_fold >= 0 else ()
+        self.data = _train_arrays(world, "train", exclude)
+        self.objects = _object_sampler(world, exclude, world.cfg.image_size) if ccfg.object_crops > 0 else None
+        self.n = len(self.data["images"])
+        self.bs = min(ccfg.batch_size, self.n)
+        colour = np.array([world.attributes[int(c[c >= 0][0])][0] for c in self.data["classes"]])
+        self.by_colour = [np.nonzero(colour == k)[0] for k in range(len(world.cfg.colours))]
+        self._restart()
+
+    def _restart(self):
+        self.rng = np.random.default_rng([self.seed, 6])
+        self.g = torch.Generator().manual_seed(self.seed)
+        self.perm, self.pos, self.next = torch.randperm(self.n, generator=self.g), 0, 0
+
+    def __len__(self): return self.steps
+
+    def _draw(self, images: bool = True):
+        "The next step's draws: scene indices, captions, object crops (when `images`), flips."
+        c, d, rng = self.ccfg, self.data, self.rng
+        if c.group_size > 1: idx = torch.from_numpy(_grouped_batch(rng, self.by_colour, self.bs, c.group_size))
         else:
-            if pos + bs > n: perm, pos = torch.randperm(n, generator=g), 0
-            idx = perm[pos:pos + bs]; pos += bs
-        x = data["images"][idx].float().div_(255)
-        caps = [_caption(rng, [int(c) for c in data["classes"][i] if c >= 0],
-                         world.cfg.backgrounds[int(data["backgrounds"][i])], world.class_names) for i in idx.tolist()]
-        if draw_objects is not None:
-            crops, ocaps = draw_objects(rng, ccfg.object_crops)
-            x, caps = torch.cat([x, crops]), caps + ocaps
-        B = len(x)
-        flip = torch.from_numpy(rng.random((2, B)) < 0.5)
+            if self.pos + self.bs > self.n: self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
+            idx = self.perm[self.pos:self.pos + self.bs]; self.pos += self.bs
+        caps = [_caption(rng, [int(k) for k in d["classes"][i] if k >= 0],
+                         self.world.cfg.backgrounds[int(d["backgrounds"][i])], self.world.class_names) for i in idx.tolist()]
+        crops = None
+        if self.objects is not None:
+            crops, ocaps = self.objects(rng, c.object_crops, images)
+            caps = caps + ocaps
+        flip = torch.from_numpy(rng.random((2, len(caps))) < 0.5)
+        self.next += 1
+        return idx, caps, crops, flip
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.steps: raise IndexError(i)
+        if i < self.next: self._restart()
+        while self.next < i: self._draw(images=False)
+        idx, caps, crops, flip = self._draw()
+        x = self.data["images"][idx].float().div_(255)
+        if crops is not None: x = torch.cat([x, crops])
         x = torch.where(flip[0].view(-1, 1, 1, 1), x.flip(3), x)
         x = torch.where(flip[1].view(-1, 1, 1, 1), x.flip(2), x)
-        img, txt, scale = model(normalize(model, x.to(device)), tok(caps).to(device))
-        loss = contrastive_loss(img, txt, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step()
-        with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
-        run.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            hist["step"].append(step + 1); hist["loss"].append(float(np.mean(run)))
-            hist["seconds"].append(round(time.perf_counter() - t0, 2)); run = []
-            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
-    model.eval()
-    if out_dir is not None: save_clip(model, out_dir, mcfg)
-    return model, tok, hist
+        return {"image": x, "text": self.tok(caps)}
+
+class ContrastiveCLIP(nn.Module):
+    "An open_clip CLIP as a model `ovseg.train.fit` trains: symmetric InfoNCE of a batch's image–caption pairs."
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        self.no_decay = tuple(n for n, _ in self.named_parameters() if "embedding" in n)   # CLIP: no decay on embeddings
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        return contrastive_loss(*self.clip(normalize(self.clip, batch["image"]), batch["text"]))
+
+    def on_step(self, step: int):
+        "After every optimiser step (`fit`): the logit scale stays in [0, log 100], CLIP's clamp."
+        self.clip.logit_scale.clamp_(0, math.log(100))
+
+def _one_batch(items: list) -> dict: return items[0]   # a CaptionBatches item is a whole batch
+
+def _read_log(path: Path) -> dict:
+    rows = [l.split("\t") for l in path.read_text().splitlines()]
+    cols = {k: [r[j] for r in rows[1:]] for j, k in enumerate(rows[0])}
+    return {"step": [int(s) for s in cols["step"]], "loss": [float(v) for v in cols["loss"]]}
+
+def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | None = None,
+               out_dir: str | os.PathLike | None = None, log_every: int = 10, device: str = "cpu", resume: bool = False):
+    """Train an embedded CLIP on `world`'s train captions (and object crops) with `ovseg.train.fit`; returns
+    (model, tokenizer, history {step, loss}). With `out_dir` the model is saved there (open_clip directory
+    format) and the run (checkpoint, train_log.tsv, run.json) kept in `out_dir/run`, which `resume` continues."""
+    seed_everything(seed)
+    steps = ccfg.steps if steps is None else steps
+    mcfg = clip_model_cfg(ccfg, world.cfg.image_size)
+    model = ContrastiveCLIP(create_clip_model(mcfg))
+    tok = clip_tokenizer(mcfg)
+    loader = torch.utils.data.DataLoader(CaptionBatches(world, ccfg, tok, seed, steps), batch_size=1, collate_fn=_one_batch)
+    tcfg = TrainConfig(max_steps=steps, batch_size=1, lr=ccfg.lr, beta1=0.9, beta2=0.98, eps=1e-6,
+                       warmup_steps=ccfg.warmup, weight_decay=ccfg.weight_decay, weight_decay_end=ccfg.weight_decay,
+                       grad_clip=1.0, shuffle=False, seed=seed, log_every=log_every, device=device, precision="fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(out_dir) / "run" if out_dir is not None else Path(tmp)
+        fit(model, loader, tcfg, run, resume=resume, overwrite=not resume)
+        hist = _read_log(run / "train_log.tsv")
+    clip = model.clip.eval()
+    if out_dir is not None: save_clip(clip, out_dir, mcfg)
+    return clip, tok, hist
 
 # %% ../nbs/06_cliptrain.ipynb #321c3a4d
-CLASS_TEMPLATES = ["a {}", "a picture of a {}", "an image showing a {}"]
-
 @torch.no_grad()
-def class_embeddings(model, tok, names: list[str], templates=CLASS_TEMPLATES) -> torch.Tensor:
-    "(K, D) prompt-ensembled, L2-normalised class embeddings."
-    embs = []
-    for t in templates:
-        prompts = [t.format(n) if t != "a {}" else ("an " if n[0] in "aeiou" else "a ") + n for n in names]
-        embs.append(F.normalize(model.encode_text(tok(prompts)), dim=-1))
-    return F.normalize(torch.stack(embs).mean(0), dim=-1)
+def class_embeddings(model, tok, names: list[str], templates="embedded") -> torch.Tensor:
+    "(K, D) class embeddings of an open_clip `model` being trained: `ovseg.encoders.prompt_ensemble`, `embedded` templates."
+    return prompt_ensemble(lambda texts: F.normalize(model.encode_text(tok(texts)).float(), dim=-1), names, templates)
 
 @torch.no_grad()
 def dense_embeddings(model, images01: torch.Tensor) -> torch.Tensor:

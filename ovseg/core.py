@@ -16,11 +16,11 @@ import yaml
 
 # %% auto #0
 __all__ = ['OVSEG_SETTINGS', 'RANGES', 'ConfigError', 'RuntimeConfig', 'PathsConfig', 'WorldConfig', 'ClipTrainConfig',
-           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'SegmentConfig',
-           'Profile', 'Config', 'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig', 'ZsSegBenchmark',
-           'ZsSegSettings', 'check_zsseg', 'OVSegmentorConfig', 'OVSegmentorSettings', 'check_ovsegmentor', 'from_dict',
-           'check_ranges', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast',
-           'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
+           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'FusionerSettings',
+           'SegmentConfig', 'Profile', 'Config', 'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig',
+           'ZsSegBenchmark', 'ZsSegSettings', 'check_zsseg', 'OVSegmentorConfig', 'OVSegmentorSettings',
+           'check_ovsegmentor', 'from_dict', 'check_ranges', 'load_config', 'seed_everything', 'seed_worker',
+           'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -111,8 +111,8 @@ class DataConfig:
     flip: bool = True                    # random horizontal flip in training
     jitter: bool = True                  # photometric jitter (image only) in training
     test_short_side: int | None = None  # resize the short side before inference (None: as is)
-    slide_window: int | None = None   # sliding-window inference window (None: whole image)
-    slide_stride: int | None = None   # sliding-window stride (None: the window, no overlap)
+    window: int | None = None         # sliding-window inference window (None: whole image)
+    stride: int | None = None         # sliding-window stride (None: the window, no overlap)
     tta_scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time scales
     flip_tta: bool = False               # add horizontally flipped copies at test time
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # PASCAL-5i / COCO-20i folds to run
@@ -148,6 +148,7 @@ class TrainConfig:
     min_lr: float = 0.0             # floor of the cosine learning-rate decay
     beta1: float = 0.9              # AdamW betas
     beta2: float = 0.999
+    eps: float = 1e-8               # AdamW epsilon (the embedded CLIP: 1e-6)
     warmup_steps: int = 0           # linear warm-up, optimizer steps ...
     warmup_epochs: float = 0.0      # ... plus this many epochs of them (Fusioner: 10)
     weight_decay: float = 0.01      # cosine weight-decay schedule start (Fusioner: 0.01 ...
@@ -165,7 +166,7 @@ class TrainConfig:
 
 @dataclass
 class FusionerConfig:
-    "The Fusioner head and its experiments (ovseg.fusioner)."
+    "The Fusioner model (ovseg.fusioner): what rebuilds it, saved as its config.json (the runs: `FusionerSettings`)."
     visual: str = "embedded-clip"   # visual encoder spec (ovseg.encoders); "random:<spec>" = random weights
     text: str = "embedded-clip"     # text encoder spec; the same CLIP spec as visual -> both towers, one load
     visual_stride: int = 0          # >0: ask the visual encoder for features at this stride (EfficientNet taps)
@@ -190,23 +191,29 @@ class FusionerConfig:
     input_norm: Literal["dataset", "encoder"] = "dataset"  # image normalisation: the dataset's mean/std below (paper) | the encoder's own (CLIP's)
     input_mean: list[float] = field(default_factory=lambda: [0.4554, 0.4298, 0.3955])  # official PASCAL values (COCO-20i runs use the official COCO ones)
     input_std: list[float] = field(default_factory=lambda: [0.1181, 0.1189, 0.1338])
-    augment: Literal["official", "ovseg"] = "official"  # training crops: the official pipeline (ovseg.fusioner.OfficialAugment) | ovseg.data.train_transform
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # official: RandomResizedCrop area scale
-    class_names: Literal["raw", "clean"] = "raw"  # the datasets' raw names ('pottedplant', paper) | cleaned ('potted plant')
-    eval_protocol: Literal["slide", "resize", "native"] = "slide"  # episodes: `crop` windows at `stride` on the original image (official README) | image and label resized to `crop` | whole image
-    skip_empty: bool = True         # evaluation skips episodes whose label has no foreground (official)
-    benchmark: Literal["world", "real"] = "world"  # which episodes train_from_config and the repro stages use: the embedded world | PASCAL-5i / COCO-20i under paths.data
     weights: dict[str, str] = field(default_factory=dict)  # encoder spec -> local weights (merged from encoders.weights)
     temperature: float = 0.07       # cosine / temperature
     fusion: bool = True             # False: no-fusion ablation (projected features compared)
     mode: Literal["binary", "multiclass"] = "binary"  # sigmoid BCE episodes | softmax over classes
-    crop: int = 224                 # training crop and evaluation window (paper: 224)
-    stride: int = 149               # sliding-window stride at test (paper: 224 * 2/3)
-    flip: bool = False              # flip test-time augmentation (paper: none)
+
+@dataclass
+class FusionerSettings:
+    "The `fusioner` section of params.yaml: the model (`model`, saved with it), the run grid and the test protocol of its stages."
+    model: FusionerConfig = field(default_factory=FusionerConfig)
+    benchmark: Literal["world", "real"] = "world"  # which episodes `ovseg train` and the repro stages use: the embedded world | PASCAL-5i / COCO-20i under paths.data
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # repro runs over these seeds
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     episodes_per_fold: int = 1000   # test episodes per fold
-    train_images: int = 0           # 0: all; >0: subsample the training set (embedded runs)
+    train_images: int = 0           # 0: all; >0: a seeded subset of the training episodes
+    crop: int = 224                 # training crop (paper: 224); also the size of `eval_protocol: resize`
+    augment: Literal["official", "ovseg"] = "official"  # training crops: the official pipeline (ovseg.fusioner.OfficialAugment) | ovseg.data.train_transform
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # official: RandomResizedCrop area scale
+    class_names: Literal["raw", "clean"] = "raw"  # the datasets' raw names ('pottedplant', paper) | cleaned ('potted plant')
+    eval_protocol: Literal["slide", "resize", "native"] = "slide"  # episodes: `window` windows every `stride` on the original image (official README) | image and label resized to `crop` | whole image
+    window: int = 224               # sliding-window size at test (paper: 224)
+    stride: int = 149               # sliding-window stride at test (paper: 224 * 2/3)
+    flip: bool = False              # flip test-time augmentation (paper: none)
+    skip_empty: bool = True         # evaluation skips episodes whose label has no foreground (official)
     pairs: list[str] = field(default_factory=list)  # encoder-pair ablation "visual|text" specs
     depths: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 12])  # fusion-depth ablation
     ablation_folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # folds of the ablation tables
@@ -236,7 +243,7 @@ class Profile:
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    fusioner: FusionerConfig = field(default_factory=FusionerConfig)
+    fusioner: FusionerSettings = field(default_factory=FusionerSettings)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     fisa: FisaSettings = field(default_factory=lambda: FisaSettings())
     zsseg: ZsSegSettings = field(default_factory=lambda: ZsSegSettings())
@@ -337,8 +344,8 @@ class ZsSegConfig:
     text_width: int = 0                     # CLIP text transformer width (no-object init N(0, width^-0.5)); 0 = filled in
     logit_scale: float = 100.0              # logits = scale * cos (query head and crops)
     prompt: Literal["templates", "learned"] = "templates"  # text: template ensemble | CoOp context vectors
-    templates: list[str] | str = "embedded"  # "embedded": ovseg.cliptrain.class_embeddings (the embedded CLIP's
-                                            # prompts); else a template set name or list (one = single template)
+    templates: list[str] | str = "embedded"  # a template set of ovseg.encoders ("embedded": the embedded
+                                            # CLIP's caption phrasing) or a list (one = single template)
     prompt_context: int = 16                # CoOp: learned context vectors before the class name
     class_names: list[str] = field(default_factory=list)   # training label space: label k is class_names[k]
     unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training
@@ -583,14 +590,15 @@ RANGES: dict[str, tuple[Callable, str]] = {
     "world.n_val": _GE1, "world.n_folds": _GE1, "world.n_episodes": _GE1, "world.noise": _GE0, "world.chunk": _GE1,
     "clip.steps": _GE1, "clip.batch_size": _GE1, "clip.lr": _POS, "clip.warmup": _GE0, "clip.weight_decay": _GE0,
     "encoders.cache_batch_size": _GE1,
-    "data.crop_size": _GE1, "data.test_short_side": _GE1, "data.slide_window": _GE1, "data.slide_stride": _GE1,
+    "data.crop_size": _GE1, "data.test_short_side": _GE1, "data.window": _GE1, "data.stride": _GE1,
     "train.epochs": _GE1, "train.max_steps": _GE0, "train.batch_size": _GE1, "train.grad_accum": _GE1,
-    "train.lr": _POS, "train.min_lr": _GE0, "train.beta1": _BETA, "train.beta2": _BETA, "train.warmup_steps": _GE0,
+    "train.lr": _POS, "train.min_lr": _GE0, "train.beta1": _BETA, "train.beta2": _BETA, "train.eps": _POS, "train.warmup_steps": _GE0,
     "train.warmup_epochs": _GE0, "train.weight_decay": _GE0, "train.weight_decay_end": _GE0, "train.grad_clip": _GE0,
     "train.log_every": _GE0, "train.eval_every": _GE0, "train.ckpt_every": _GE0,
-    "fusioner.dim": _GE1, "fusioner.depth": _GE0, "fusioner.heads": _GE1, "fusioner.mlp_ratio": _POS,
-    "fusioner.drop_path": _BETA, "fusioner.max_classes": _GE1, "fusioner.temperature": _POS, "fusioner.crop": _GE1,
-    "fusioner.stride": _GE1, "fusioner.episodes_per_fold": _GE1,
+    "fusioner.model.dim": _GE1, "fusioner.model.depth": _GE0, "fusioner.model.heads": _GE1, "fusioner.model.mlp_ratio": _POS,
+    "fusioner.model.drop_path": _BETA, "fusioner.model.max_classes": _GE1, "fusioner.model.temperature": _POS,
+    "fusioner.crop": _GE1, "fusioner.window": _GE1, "fusioner.stride": _GE1, "fusioner.episodes_per_fold": _GE1,
+    "fusioner.train_images": _GE0,
     "segment.short_side": _GE1, "segment.window": _GE1, "segment.stride": _GE1, "segment.background_threshold": _UNIT,
 }
 
@@ -598,14 +606,14 @@ def check_ranges(params: "Profile", key: str = "", source: str = "settings"):
     "Range checks of a profile's values (types are checked by `from_dict`): a bad value fails before any work starts."
     def where(path): return f"{source}: {key + '.' if key else ''}{path}"
     for path, (ok, need) in RANGES.items():
-        sec, name = path.split(".")
-        v = getattr(getattr(params, sec, None), name, None)
+        v = params
+        for part in path.split("."): v = getattr(v, part, None)
         if v is not None and not ok(v): raise ConfigError(f"{where(path)} = {v!r} must be {need}")
     check_fisa(params.fisa, f"{source}: {key + '.' if key else ''}fisa")
     check_zsseg(params.zsseg, f"{source}: {key + '.' if key else ''}zsseg")
     check_ovsegmentor(params.ovsegmentor, f"{source}: {key + '.' if key else ''}ovsegmentor")
-    f, s, w = params.fusioner, params.segment, params.world
-    if f.dim % f.heads: raise ConfigError(f"{where('fusioner.dim')} = {f.dim} must be divisible by fusioner.heads = {f.heads}")
+    f, s, w = params.fusioner.model, params.segment, params.world
+    if f.dim % f.heads: raise ConfigError(f"{where('fusioner.model.dim')} = {f.dim} must be divisible by fusioner.model.heads = {f.heads}")
     if s.stride > s.window: raise ConfigError(f"{where('segment.stride')} = {s.stride} must be <= segment.window = {s.window}")
     if w.min_objects > w.max_objects:
         raise ConfigError(f"{where('world.min_objects')} = {w.min_objects} must be <= world.max_objects = {w.max_objects}")

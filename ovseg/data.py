@@ -15,18 +15,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 # %% auto #0
 __all__ = ['VOC_RAW', 'COCO_THING_IDS', 'COCO_THINGS', 'COCO_STUFF', 'COCO_STUFF_IDS', 'COCO_STUFF_UNSEEN', 'VOC_UNSEEN',
            'ADE150', 'PC59', 'DATASETS', 'PREPARE', 'collate', 'same_size_batches', 'Compose', 'Resize',
            'RandomScaleCrop', 'RandomHFlip', 'PhotometricJitter', 'train_transform', 'window_starts', 'sliding_window',
-           'tta_predict', 'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_image', 'load_mask',
-           'clean_name', 'register_dataset', 'SegDataset', 'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject',
-           'ADE20K150', 'ADE847', 'PascalContext59', 'PascalContext459', 'PascalContext60', 'splits_dir',
-           'pascal5i_fold_classes', 'coco20i_fold_classes', 'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i',
-           'FSS1000', 'Mosaic4', 'list_datasets', 'create_dataset', 'Archive', 'prepare_instructions',
-           'prepare_dataset']
+           'tta_predict', 'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_mask', 'ImageError',
+           'read_image', 'image_to_tensor', 'load_image', 'clean_name', 'register_dataset', 'SegDataset',
+           'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject', 'ADE20K150', 'ADE847', 'PascalContext59',
+           'PascalContext459', 'PascalContext60', 'splits_dir', 'pascal5i_fold_classes', 'coco20i_fold_classes',
+           'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i', 'FSS1000', 'Mosaic4', 'list_datasets',
+           'create_dataset', 'Archive', 'prepare_instructions', 'prepare_dataset']
 
 # %% ../nbs/04_data.ipynb #3156923c
 def collate(batch: Sequence[dict]) -> dict:
@@ -225,13 +225,6 @@ def _check_exists(path: Path, name: str, root) -> Path:
         raise DatasetNotFoundError(f"{name}: expected {path} but it does not exist; {_prepare_hint(name, root)}")
     return Path(path)
 
-def load_image(path) -> torch.Tensor:
-    "Read an image file as float32 (3,H,W) RGB in [0,1]."
-    try:
-        with Image.open(path) as im: arr = np.array(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e: raise CorruptFileError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
-
 def load_mask(path) -> np.ndarray:
     "Read a label file (palette/grey PNG, 16-bit TIFF, or a PASCAL Context .mat) as an integer array."
     try:
@@ -242,6 +235,78 @@ def load_mask(path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, KeyError) as e: raise CorruptFileError(f"cannot read mask {path}: {e}") from None
     if arr.ndim != 2: raise CorruptFileError(f"mask {path} has shape {arr.shape}; expected a single-channel label map")
     return arr.astype(np.int64)
+
+# %% ../nbs/04_data.ipynb #d9b35eed
+class ImageError(ValueError):
+    "An input that is no image (type, shape, dtype, value range, a missing file); the message says what is accepted."
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8: return a
+    if a.dtype == bool: return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16: return (a.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        hi = float(a.max()) if a.size else 1.0
+        scale = 65535.0 if hi > 255 else 255.0
+        return (np.clip(a.astype(np.float64) / scale, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        a = np.nan_to_num(a.astype(np.float32))
+        if a.size and a.max() > 1.0 + 1e-6:
+            raise ImageError("float image values must be in [0, 1] (got a maximum of "
+                             f"{float(a.max()):.3g}); divide by 255 or pass a uint8 array")
+        return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    raise ImageError(f"unsupported image dtype {a.dtype}")
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
+    if a.ndim == 2: return Image.fromarray(_to_uint8(a), "L").convert("RGB")
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        img = Image.fromarray(_to_uint8(a), "RGB" if a.shape[-1] == 3 else "RGBA")
+        return _pil_to_rgb(img)
+    raise ImageError(f"cannot read an image array of shape {a.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
+
+def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB": return img
+    if img.mode == "P": img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _array_to_pil(np.asarray(img) if img.mode != "I;16B" else np.asarray(img).astype(np.uint16))
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+def read_image(image, exif: bool = True) -> Image.Image:
+    "A path, PIL image, array or tensor -> an RGB PIL image; files turned by their EXIF orientation unless `exif=False`."
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        if not p.exists(): raise ImageError(f"image file not found: {p}")
+        if p.is_dir(): raise ImageError(f"{p} is a directory, not an image")
+        try:
+            with Image.open(p) as im:
+                if exif: im = ImageOps.exif_transpose(im)
+                im.load()
+                return _pil_to_rgb(im)
+        except ImageError: raise
+        except Exception as e:
+            raise CorruptFileError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
+    if isinstance(image, Image.Image): return _pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 4 and t.shape[0] == 1: t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4): t = t.permute(1, 2, 0)
+        elif t.ndim != 2: raise ImageError(f"cannot read an image tensor of shape {tuple(image.shape)}; "
+                                           "expected (3,H,W), (1,H,W) or (H,W)")
+        return _array_to_pil(t.numpy())
+    if isinstance(image, np.ndarray): return _array_to_pil(image)
+    raise ImageError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    "An RGB PIL image -> float32 (3, H, W) in [0, 1]."
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+def load_image(image, exif: bool = True) -> torch.Tensor:
+    "Any image input (`read_image`) -> float32 (3, H, W) RGB in [0, 1]."
+    return image_to_tensor(read_image(image, exif))
 
 # %% ../nbs/04_data.ipynb #ee0a290c
 VOC_RAW = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -308,9 +373,14 @@ PC59 = ["aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "bo
 DATASETS: dict[str, type] = {}
 
 def register_dataset(*names):
-    "Class decorator: make a dataset available to `create_dataset` under `names`."
+    "Class decorator: make a dataset available to `create_dataset` under `names`; warns when a name is another class's."
     def deco(cls):
-        for n in names: DATASETS[n] = cls
+        for n in names:
+            old = DATASETS.get(n)
+            if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                warnings.warn(f"register_dataset: {n!r} was {old.__module__}.{old.__qualname__}, now "
+                              f"{cls.__module__}.{cls.__qualname__}")
+            DATASETS[n] = cls
         return cls
     return deco
 
@@ -361,7 +431,7 @@ class SegDataset(torch.utils.data.Dataset):
         return torch.from_numpy(raw)
 
     def _image(self, path: Path) -> torch.Tensor:
-        return load_image(_check_exists(path, self.name, self.root))
+        return load_image(_check_exists(path, self.name, self.root), exif=False)   # masks follow the stored pixels
 
     @property
     def substitutes(self) -> bool:

@@ -14,20 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% auto #0
-__all__ = ['TINY_CLIP_CFG', 'DEFAULT_TEMPLATES', 'interpolate_pos_embed', 'value_path', 'dense_clip_tokens', 'encode_class_names',
-           'load_open_clip', 'DenseCLIP']
+from .encoders import OpenClipTextEncoder, check_open_clip_dir, create_clip, get_templates, interpolate_pos_embed
 
-# %% ../nbs/13_denseclip.ipynb #945544d2
-def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    "Resize a ViT position embedding `(1 + gh*gw, C)` from `old_grid` to `new_grid` (class row kept)."
-    if tuple(old_grid) == tuple(new_grid): return pos
-    cls, grid = pos[:1], pos[1:]
-    C = grid.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(-1, C).to(pos.dtype)
-    return torch.cat([cls, grid], 0)
+# %% auto #0
+__all__ = ['value_path', 'dense_clip_tokens', 'DenseCLIP']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
@@ -74,62 +64,6 @@ def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = 
     if visual.proj is not None: x = x @ visual.proj
     return x.transpose(1, 2).reshape(B, -1, gh, gw)
 
-# %% ../nbs/13_denseclip.ipynb #14742658
-TINY_CLIP_CFG = dict(
-    embed_dim=32,
-    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
-    text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
-)  # a tiny open_clip architecture for tests and demos (random weights)
-
-# %% ../nbs/13_denseclip.ipynb #76667156
-DEFAULT_TEMPLATES = [
-    "a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
-    "a photo of the large {}.", "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-]
-
-def _tokenizer_for(model: nn.Module):
-    import open_clip
-    return open_clip.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
-
-@torch.no_grad()
-def encode_class_names(model: nn.Module, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                       tokenizer=None) -> torch.Tensor:
-    "Prompt-ensembled, L2-normalised text embeddings `(K, D)` from an open_clip CLIP."
-    tok = tokenizer or _tokenizer_for(model)
-    dev = next(model.parameters()).device
-    out = []
-    for name in class_names:
-        t = tok([tp.format(name) for tp in templates]).to(dev)
-        e = F.normalize(model.encode_text(t).float(), dim=-1).mean(0)
-        out.append(F.normalize(e, dim=-1))
-    return torch.stack(out)
-
-# %% ../nbs/13_denseclip.ipynb #ac479a25
-def load_open_clip(spec: str, pretrained: str | None = None) -> nn.Module:
-    "An open_clip CLIP from a model name (+ pretrained tag or path) or an `open_clip_config.json` dir."
-    import open_clip
-    spec = str(spec)
-    name = spec[len("open_clip:"):] if spec.startswith("open_clip:") else spec
-    p = Path(name).expanduser()
-    if p.is_dir():
-        from ovseg.encoders import check_open_clip_dir
-        check_open_clip_dir(p)   # open_clip alone would build random weights when the weights file is missing
-        return open_clip.create_model(f"local-dir:{p}").eval()   # open_clip's reader of this layout (safetensors)
-    if name not in open_clip.list_models():
-        import difflib
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        raise ValueError(f"unknown open_clip model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                         + f" (open_clip.list_models() lists all {len(open_clip.list_models())})")
-
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=bool(pretrained))
-    except Exception as e:
-        if pretrained and not Path(pretrained).exists():
-            raise RuntimeError(f"could not load pretrained weights {pretrained!r} for {name}: {e}. Without internet, "
-                               f"download them elsewhere and pass the local file path as pretrained") from None
-        raise
-    return model.eval()
-
 # %% ../nbs/13_denseclip.ipynb #cc937067
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -137,6 +71,7 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class DenseCLIP(nn.Module):
     "Training-free MaskCLIP-style dense CLIP over an open_clip ViT (frozen)."
     arch = "denseclip"
+    frozen_prefixes = ("text_encoder.",)   # the text tower shares the CLIP's weights: saved once, as clip.*
 
     def __init__(self, clip_model: nn.Module, templates: Sequence[str] | None = None, residual: bool = True,
                  mlp: bool = True, logit_scale: float | None = None, model_cfg: dict | None = None,
@@ -144,12 +79,12 @@ class DenseCLIP(nn.Module):
         super().__init__()
         self.clip = clip_model.eval()
         for p in self.clip.parameters(): p.requires_grad_(False)
-        self.templates = list(templates or DEFAULT_TEMPLATES)
+        self.templates = get_templates(templates or "imagenet8")
         self.residual, self.mlp = bool(residual), bool(mlp)
         self.logit_scale = float(logit_scale if logit_scale is not None else
                                  min(float(clip_model.logit_scale.exp()), 100.0))
         self.model_cfg = model_cfg
-        self.__dict__["text_encoder"] = text_encoder   # shares the CLIP's weights; not a submodule (not saved twice)
+        self.text_encoder = text_encoder or OpenClipTextEncoder(clip_model, name="denseclip")
         v = clip_model.visual
         mean = tuple(mean or getattr(v, "image_mean", None) or _OPENAI_MEAN)
         std = tuple(std or getattr(v, "image_std", None) or _OPENAI_STD)
@@ -159,26 +94,17 @@ class DenseCLIP(nn.Module):
 
     @classmethod
     def from_open_clip(cls, spec: str, pretrained: str | None = None, **kwargs) -> "DenseCLIP":
-        """Build from an open_clip model name (+ pretrained tag/path; none = random weights) or an
-        `open_clip_config.json` directory. Directories and pretrained weights load through `ovseg.encoders.create_clip`."""
+        """Build from an open_clip model name with `pretrained` (a tag or a weights file) or an open_clip
+        directory (`open_clip:` may be left out), loaded by `ovseg.encoders.create_clip`."""
         name = str(spec).removeprefix("open_clip:")
         p = Path(name).expanduser()
-        if p.is_dir():
-            from ovseg.encoders import check_open_clip_dir
-            model_cfg, _ = check_open_clip_dir(p, need_weights=not pretrained)   # one clear error, never random weights
-            pp = {}
-
+        if p.is_dir(): model_cfg, _ = check_open_clip_dir(p, need_weights=not pretrained)   # never random weights
         else:
             import open_clip
-            model_cfg, pp = open_clip.get_model_config(name), {}
-        if p.is_dir() or pretrained:
-            from ovseg.encoders import create_clip
-            vis, txt = create_clip(f"open_clip:{p if p.is_dir() else name}", pretrained=pretrained)
-            kwargs.setdefault("mean", vis.mean); kwargs.setdefault("std", vis.std)
-            return cls(vis.model, model_cfg=model_cfg, text_encoder=txt, **kwargs)
-        model = load_open_clip(str(p) if p.is_dir() else name, pretrained)
-        if "mean" in pp: kwargs.setdefault("mean", pp["mean"]); kwargs.setdefault("std", pp["std"])
-        return cls(model, model_cfg=model_cfg, **kwargs)
+            model_cfg = open_clip.get_model_config(name)
+        vis, txt = create_clip(f"open_clip:{p if p.is_dir() else name}", pretrained=pretrained)
+        kwargs.setdefault("mean", vis.mean); kwargs.setdefault("std", vis.std)
+        return cls(vis.model, model_cfg=model_cfg, text_encoder=txt, **kwargs)
 
     @property
     def patch_size(self) -> tuple[int, int]: return tuple(self.clip.visual.patch_size)
@@ -187,10 +113,7 @@ class DenseCLIP(nn.Module):
         "Prompt-ensembled class embeddings `(K, D)` (cached per class list)."
         key = (tuple(class_names), tuple(self.templates))
         if key not in self._text_cache:
-            if self.text_encoder is not None:
-                e = self.text_encoder.encode_classes(list(class_names), templates=self.templates)
-            else:
-                e = encode_class_names(self.clip, class_names, self.templates)
+            e = self.text_encoder.encode_classes(list(class_names), templates=self.templates)
             if len(self._text_cache) > 16: self._text_cache.clear()
             self._text_cache[key] = e.float()
         return self._text_cache[key].to(self.mean.device)
@@ -224,9 +147,14 @@ class DenseCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "DenseCLIP":
+        """From a saved config (`model_cfg`, the architecture; the weights come from the state dict) or from
+        `clip`, a CLIP spec, with `pretrained` (`from_open_clip`): `ovseg.train.build_model("denseclip", ...)`."""
         import open_clip
         c = dict(config)
-        if not c.get("model_cfg"): raise ValueError("a denseclip config needs model_cfg (the open_clip architecture)")
+        if c.get("clip"): return cls.from_open_clip(c.pop("clip"), c.pop("pretrained", None), **c)
+        c.pop("clip", None); c.pop("pretrained", None)
+        if not c.get("model_cfg"):
+            raise ValueError("a denseclip config needs model_cfg (the open_clip architecture) or clip (a CLIP spec)")
         return cls(open_clip.CLIP(**c.pop("model_cfg")), model_cfg=config["model_cfg"], **c)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:

@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['FUSIONER_TEMPLATES', 'IMAGENET80_TEMPLATES', 'TEMPLATE_SETS', 'FUSIONER32_TEMPLATES', 'TINY_CLIP_CFG',
-           'VisualFeatures', 'EncoderWeightsError', 'weights_hash', 'FrozenEncoder', 'VisualEncoder', 'get_templates',
-           'TextEncoder', 'register_encoder', 'list_encoders', 'create_visual_encoder', 'create_text_encoder',
-           'create_clip', 'efficientnet_lite0_weights', 'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir',
-           'TimmVisualEncoder', 'check_open_clip_dir', 'OpenClipVisualEncoder', 'OpenClipTextEncoder',
+__all__ = ['FUSIONER_TEMPLATES', 'IMAGENET80_TEMPLATES', 'TEMPLATE_SETS', 'FUSIONER32_TEMPLATES', 'VisualFeatures',
+           'EncoderWeightsError', 'weights_hash', 'FrozenEncoder', 'VisualEncoder', 'register_templates',
+           'fill_template', 'get_templates', 'prompt_ensemble', 'TextEncoder', 'register_encoder', 'list_encoders',
+           'create_visual_encoder', 'create_text_encoder', 'create_clip', 'efficientnet_lite0_weights',
+           'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir', 'TimmVisualEncoder', 'check_open_clip_dir',
+           'load_open_clip', 'interpolate_pos_embed', 'OpenClipVisualEncoder', 'OpenClipTextEncoder',
            'check_activation', 'save_open_clip_dir', 'encoders_from_config', 'create_from_config', 'pca_rgb',
            'describe_encoder', 'pca_figure']
 
@@ -161,11 +162,36 @@ IMAGENET80_TEMPLATES = [
     'a photo of a small {}.', 'a tattoo of the {}.',
 ]
 
-TEMPLATE_SETS = {"fusioner": FUSIONER_TEMPLATES, "imagenet80": IMAGENET80_TEMPLATES,
-                 "plain": ["{}"], "photo": ["a photo of a {}."]}
+TEMPLATE_SETS: dict[str, list[str]] = {}
+
+def register_templates(name: str, templates: Sequence[str]) -> list[str]:
+    "Make a template set available by `name` (`get_templates`, `templates:` in params.yaml); warns when replacing another set."
+    templates = list(templates)
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad: raise ValueError(f"template set {name!r}: every template needs a '{{}}' placeholder; bad: {bad}")
+    old = TEMPLATE_SETS.get(name)
+    if old is not None and old != templates:
+        warnings.warn(f"register_templates: {name!r} was a set of {len(old)} other templates; replaced")
+    TEMPLATE_SETS[name] = templates
+    return templates
+
+register_templates("fusioner", FUSIONER_TEMPLATES)
+register_templates("imagenet80", IMAGENET80_TEMPLATES)
+register_templates("plain", ["{}"])
+register_templates("photo", ["a photo of a {}."])
+# CLIP's seven best ImageNet templates plus "a photo of a {}." (dense CLIP's default)
+register_templates("imagenet8", ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                                 "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                                 "a photo of the small {}."])
+# the embedded CLIP's caption phrasing (ovseg.cliptrain); "{a}" is the article, "an" before a vowel
+register_templates("embedded", ["{a} {}", "a picture of a {}", "an image showing a {}"])
+
+def fill_template(template: str, name: str) -> str:
+    "`template` with `name` in its `{}`; a `{a}` becomes 'an' before a lower-case vowel, else 'a'."
+    return template.format(name, a="an" if name and name[0] in "aeiou" else "a")
 
 def get_templates(templates: str | Sequence[str]) -> list[str]:
-    "A template set by name (fusioner, imagenet80, plain, photo) or a list of `{}` strings."
+    "A registered template set by name (`TEMPLATE_SETS`: fusioner, imagenet80, plain, ...) or a list of `{}` strings."
     if isinstance(templates, str):
         if templates in TEMPLATE_SETS: return list(TEMPLATE_SETS[templates])
         if "{}" in templates: return [templates]
@@ -192,9 +218,18 @@ FUSIONER32_TEMPLATES = [
     "There is a masked {} in the scene", "There is the masked {} in the scene", "This is a masked {} in the scene",
     "This is the masked {} in the scene", "This is one masked {} in the scene",
 ]
-TEMPLATE_SETS["fusioner32"] = FUSIONER32_TEMPLATES
+register_templates("fusioner32", FUSIONER32_TEMPLATES)
 
 # %% ../nbs/05_encoders.ipynb #2386a6ed
+def prompt_ensemble(encode: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
+                    templates: str | Sequence[str] = "fusioner") -> torch.Tensor:
+    """(K, D) class embeddings: every template filled with every name (`fill_template`), the strings
+    embedded by `encode` (-> (N, D) L2-normalised rows, in one call), averaged over templates, renormalised."""
+    tpl = get_templates(templates)
+    names = list(class_names)
+    emb = encode([fill_template(t, n) for n in names for t in tpl]).float().view(len(names), len(tpl), -1)
+    return F.normalize(emb.mean(1), dim=-1)
+
 class TextEncoder(FrozenEncoder):
     "Strings -> L2-normalised embeddings. Subclasses implement `_encode(list[str]) -> (N, D)`."
     batch_size: int = 256
@@ -211,11 +246,8 @@ class TextEncoder(FrozenEncoder):
     def forward(self, texts: Sequence[str]) -> torch.Tensor: return self.encode(texts)
 
     def encode_classes(self, class_names: Sequence[str], templates: str | Sequence[str] = "fusioner") -> torch.Tensor:
-        "(K, D): each template embedded and normalised, averaged over templates, renormalised."
-        tpl = get_templates(templates)
-        names = list(class_names)
-        emb = self.encode([t.format(n) for n in names for t in tpl]).view(len(names), len(tpl), -1)
-        return F.normalize(emb.mean(1), dim=-1)
+        "(K, D): each template embedded and normalised, averaged over templates, renormalised (`prompt_ensemble`)."
+        return prompt_ensemble(self.encode, class_names, templates)
 
     def _encode(self, texts: list[str]) -> torch.Tensor: raise NotImplementedError
 
@@ -233,6 +265,11 @@ def register_encoder(name: str, kind: str, factory: Callable | None = None, desc
     "Register `factory(identifier, **options)` under `name` (a prefix if it ends with ':'); usable as a decorator."
     if kind not in ("visual", "text", "clip"): raise ValueError(f"kind must be visual, text or clip, got {kind!r}")
     def deco(f):
+        old = _REGISTRY.get(name)
+        where = lambda e: f"{getattr(e, '__module__', '?')}.{getattr(e, '__qualname__', type(e).__name__)}"
+        if old is not None and (old.kind, where(old.factory)) != (kind, where(f)):   # a re-run cell is not a clash
+            warnings.warn(f"register_encoder: {name!r} was {old.kind} encoder {where(old.factory)}, now {kind} "
+                          f"encoder {where(f)}; specs naming it get the new one")
         _REGISTRY[name] = _Entry(name, kind, f, description or (f.__doc__ or "").strip().split("\n")[0])
         return f
     return deco(factory) if factory is not None else deco
@@ -539,8 +576,12 @@ def check_open_clip_dir(directory: str | os.PathLike, need_weights: bool = True)
     if not keys: raise EncoderWeightsError(f"{found[0]} holds no tensors")
     return cfg["model_cfg"], found[0]
 
-def _load_open_clip(ident: str, pretrained: str | None, random_init: bool, seed: int, **kw):
-
+def load_open_clip(ident: str, pretrained: str | None = None, random_init: bool = False, seed: int = 0,
+                   frozen: bool = True, **kw):
+    """The one loader of open_clip models, for every module: a model name with `pretrained` (a tag or a
+    checkpoint file), an open_clip directory (checked by `check_open_clip_dir`: never random weights by
+    accident), or, with `random_init`, seeded random weights. Returns (model in eval mode, its parameters
+    frozen unless `frozen=False`, tokenizer, preprocessing config, label)."""
     import open_clip
     hint = ("download the checkpoint once and pass pretrained='/path/to/open_clip_pytorch_model.bin' "
             "(create_visual_encoder('open_clip:NAME', pretrained=PATH)), or use a directory with "
@@ -551,6 +592,11 @@ def _load_open_clip(ident: str, pretrained: str | None, random_init: bool, seed:
         name = f"local-dir:{ident}"
     elif _is_path(ident):
         raise EncoderWeightsError(f"open_clip directory {ident} not found")
+    elif ident not in open_clip.list_models() and not ident.startswith(("hf-hub:", "local-dir:")):
+        import difflib
+        close = difflib.get_close_matches(ident, open_clip.list_models(), n=3)
+        raise ValueError(f"unknown open_clip model {ident!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + f" (open_clip.list_models() lists all {len(open_clip.list_models())})")
     else: name = ident
     if not (is_dir or random_init) and pretrained: check_activation(name, str(pretrained), kw)   # before any download
     with _hub_guard(f"open_clip:{ident} ({pretrained})", hint):
@@ -576,15 +622,18 @@ def _load_open_clip(ident: str, pretrained: str | None, random_init: bool, seed:
     pp = open_clip.get_model_preprocess_cfg(model)
     label = f"open_clip:{Path(ident).name if is_dir else ident}" + ("" if is_dir or random_init else f"/{Path(str(pretrained)).name}")
     if random_init: label = f"random({label},seed={seed})"
-    return model.eval().requires_grad_(False), tokenizer, pp, label
+    return model.eval().requires_grad_(not frozen), tokenizer, pp, label
 
-def _interp_pos(pos: torch.Tensor, grid: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    "Interpolate a (N, C) grid positional embedding from `grid` to `new` (bicubic)."
-    if tuple(grid) == tuple(new): return pos
-    C = pos.shape[-1]
-    p = pos.reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2).float()
-    p = F.interpolate(p, size=new, mode="bicubic", align_corners=False)
-    return p.permute(0, 2, 3, 1).reshape(-1, C).to(pos.dtype)
+def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a ViT position embedding `(P + gh*gw, C)` from grid `old_grid` to `new_grid` (bicubic, as DINO
+    and MaskCLIP do); its first P rows (class or other prefix tokens, P read off the shape) stay as they are."""
+    if tuple(old_grid) == tuple(new_grid): return pos
+    P, C = pos.shape[0] - old_grid[0] * old_grid[1], pos.shape[-1]
+    if P < 0: raise ValueError(f"a position embedding of {pos.shape[0]} rows holds no {old_grid[0]}x{old_grid[1]} grid")
+    grid = pos[P:].reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(-1, C).to(pos.dtype)
+    return torch.cat([pos[:P], grid]) if P else grid
 
 class OpenClipVisualEncoder(VisualEncoder):
     def __init__(self, model, preprocess_cfg: dict, name: str):
@@ -616,7 +665,7 @@ class OpenClipVisualEncoder(VisualEncoder):
         t = v.conv1(x).flatten(2).transpose(1, 2)                              # (B, hw, C)
         cls = v.class_embedding.to(t.dtype).expand(B, 1, -1)
         pos = v.positional_embedding.to(t.dtype)
-        pos = torch.cat([pos[:1], _interp_pos(pos[1:], v.grid_size, (h, w))])
+        pos = interpolate_pos_embed(pos, v.grid_size, (h, w))
         t = v.ln_pre(v.patch_dropout(torch.cat([cls, t], 1) + pos))
         t = v.transformer(t)
         pooled, tokens = v._pool(t)
@@ -631,7 +680,7 @@ class OpenClipVisualEncoder(VisualEncoder):
         dense = ap.c_proj(ap.v_proj(x.flatten(2).transpose(1, 2)))             # (B, hw, D)
         n = int(round((ap.positional_embedding.shape[0] - 1) ** 0.5))
         pos = ap.positional_embedding
-        pos = torch.cat([pos[:1], _interp_pos(pos[1:], (n, n), (h, w))])
+        pos = interpolate_pos_embed(pos, (n, n), (h, w))
         seq = x.flatten(2).permute(2, 0, 1)
         seq = torch.cat([seq.mean(0, keepdim=True), seq]) + pos[:, None].to(seq.dtype)
         glob, _ = F.multi_head_attention_forward(
@@ -643,8 +692,11 @@ class OpenClipVisualEncoder(VisualEncoder):
         return dense.transpose(1, 2).reshape(B, -1, h, w), glob[0], None
 
 class OpenClipTextEncoder(TextEncoder):
-    def __init__(self, model, tokenizer, name: str):
+    def __init__(self, model, tokenizer=None, name: str = "open_clip"):
         super().__init__()
+        if tokenizer is None:   # open_clip's BPE tokenizer at the model's context length
+            import open_clip
+            tokenizer = open_clip.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.dim = int(model.text_projection.shape[-1]) if getattr(model, "text_projection", None) is not None \
             else int(model.encode_text(tokenizer(["x"])).shape[-1])
@@ -654,7 +706,7 @@ class OpenClipTextEncoder(TextEncoder):
 
 @register_encoder("open_clip:", "clip", description="open_clip model name + pretrained=<tag|file>, or a local open_clip directory")
 def _open_clip(ident, tower="both", pretrained=None, weights=None, random_init=False, seed=0, **kw):
-    model, tok, pp, label = _load_open_clip(ident, pretrained or weights, random_init, seed, **kw)
+    model, tok, pp, label = load_open_clip(ident, pretrained or weights, random_init, seed, **kw)
     vis = OpenClipVisualEncoder(model, pp, label) if tower in ("visual", "both") else None
     txt = OpenClipTextEncoder(model, tok, label) if tower in ("text", "both") else None
     return {"visual": vis, "text": txt}.get(tower, (vis, txt))
@@ -693,13 +745,10 @@ def save_open_clip_dir(model, directory: str | os.PathLike, model_cfg: dict, pre
     from ovseg.core import atomic_write, atomic_write_text
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     pp = preprocess_cfg or {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(d / "open_clip_model.safetensors", lambda p: save_file(sd, str(p)))
     atomic_write_text(d / "open_clip_config.json", json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=1))
     return d
-
-TINY_CLIP_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
-                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 # %% ../nbs/05_encoders.ipynb #bb46983d
 def _spec_options(spec: str, ecfg) -> dict:

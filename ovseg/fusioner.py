@@ -14,16 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import FusionerConfig, autocast, progress
+from .core import FusionerConfig, FusionerSettings, autocast, progress
 from .data import collate  # the one batching rule for sample dicts
 from .train import register_arch
+from .experiment import Task, evaluate_episodes, run_one, world_cache_dir, world_episodes, world_features   # the shared experiment layer
 
 # %% auto #0
 __all__ = ['OFFICIAL_DATASET', 'drop_path', 'Block', 'Decoder', 'fit_to_output', 'FusionHead', 'binary_episode_loss',
-           'multiclass_loss', 'build_encoders', 'for_dataset', 'Fusioner', 'RandomVisual', 'HashText', 'load_fusioner',
-           'WithFeatures', 'FeatureEpisodes', 'compute_features', 'evaluate_episodes', 'mean_over_folds',
-           'slide_predict', 'evaluate_semantic', 'world_features', 'run_world_fold', 'WorldExperiment', 'summarise',
-           'pair_config', 'pair_spec', 'OfficialAugment', 'RawNames', 'run_paper_fold', 'train_from_config']
+           'multiclass_loss', 'build_encoders', 'for_dataset', 'Fusioner', 'load_fusioner', 'WorldFusioner',
+           'pair_config', 'pair_spec', 'OfficialAugment', 'RawNames', 'paper_task', 'paper_model', 'train_from_config']
 
 # %% ../nbs/09_fusioner.ipynb #b024f08a
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -296,38 +295,6 @@ class Fusioner(nn.Module):
         size = tuple(images01.shape[-2:]) if out_size is None else tuple(out_size)
         return self(dense, emb[idx][:, None], size, None if images01 is None else tuple(images01.shape[-2:]))[:, 0]
 
-# %% ../nbs/09_fusioner.ipynb #0c76ea00
-class RandomVisual(nn.Module):
-    "A frozen random patch-embedding 'encoder' (stride 8) with the VisualEncoder interface; for tests."
-    def __init__(self, dim: int = 24, stride: int = 8, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv = nn.Conv2d(3, dim, stride, stride)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.2)
-            self.conv.bias.zero_()
-        self.dim, self.stride, self.name = dim, stride, f"random-visual-{dim}"
-        self.requires_grad_(False).eval()
-    def forward(self, images01):
-        from types import SimpleNamespace
-        with torch.no_grad():
-            d = self.conv(images01)
-            return SimpleNamespace(dense=d, global_=d.mean((2, 3)), stride=self.stride)
-
-class HashText(nn.Module):
-    "A frozen bag-of-words text 'encoder' (random vector per word); for tests."
-    def __init__(self, dim: int = 12, seed: int = 0):
-        super().__init__()
-        self.dim, self.seed, self.name, self.calls = dim, seed, f"hash-text-{dim}", 0
-    def _word(self, w):
-        import zlib
-        return torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()) + self.seed))
-    def encode(self, texts):
-        self.calls += len(texts)
-        return F.normalize(torch.stack([sum(self._word(w) for w in t.split()) for t in texts]), dim=-1)
-    def encode_classes(self, names, templates="plain"):
-        return self.encode(list(names))
-
 # %% ../nbs/09_fusioner.ipynb #94305ce5
 def load_fusioner(directory, visual=None, text=None) -> Fusioner:
     "Load a saved Fusioner, optionally with encoder objects already in memory."
@@ -341,197 +308,44 @@ def load_fusioner(directory, visual=None, text=None) -> Fusioner:
     m.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
     return m.eval()
 
-# %% ../nbs/09_fusioner.ipynb #aef9282c
-class WithFeatures(torch.utils.data.Dataset):
-    "A dataset whose samples carry precomputed dense visual features under 'dense'."
-    def __init__(self, dataset, feats: torch.Tensor, keep_image: bool = False):
-        assert len(feats) == len(dataset), "one feature map per sample"
-        self.dataset, self.feats, self.keep_image = dataset, feats, keep_image
-        self.class_names = getattr(dataset, "class_names", None)
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, i):
-        s = dict(self.dataset[i]); s["dense"] = self.feats[i]
-        if not self.keep_image: s.pop("image", None)
-        return s
-
-class FeatureEpisodes(torch.utils.data.Dataset):
-    "Episodes (with `.pairs` = (image index, class) rows) carrying the cached features of their image."
-    def __init__(self, episodes, feats: torch.Tensor, keep_image: bool = False, index=None):
-        self.episodes, self.feats, self.keep_image = episodes, feats, keep_image
-        self.index = list(range(len(episodes))) if index is None else list(index)
-        self.classes = getattr(episodes, "classes", None)
-        self.class_names = getattr(episodes, "class_names", None)
-    def __len__(self): return len(self.index)
-    def __getitem__(self, k):
-        j = self.index[k]
-        s = dict(self.episodes[j]); s["dense"] = self.feats[int(self.episodes.pairs[j][0])]
-        if not self.keep_image: s.pop("image", None)
-        return s
-
-@torch.no_grad()
-def compute_features(visual, dataset, batch_size: int = 64, key: str = "image", device="cpu",
-                     cache_dir=None) -> torch.Tensor:
-    """Dense features (N, D, h, w) of `dataset[i][key]` under the frozen `visual` encoder; with
-    `cache_dir`, read from / written to `ovseg.cache`'s on-disk cache (keyed by sample id)."""
-    out = []
-    visual.to(device)
-    cache = None
-    if cache_dir is not None:
-        from ovseg.cache import FeatureCache
-        cache = FeatureCache(cache_dir, visual)
-    for i in progress(range(0, len(dataset), batch_size), "features"):
-        samples = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
-        imgs = torch.stack([x[key] for x in samples]).to(device)
-        f = cache.features(imgs, [x["id"] for x in samples]) if cache is not None else visual(imgs)
-        out.append(f.dense.float().cpu())
-    return torch.cat(out)
-
-# %% ../nbs/09_fusioner.ipynb #505084cd
-@torch.no_grad()
-def evaluate_episodes(model: Fusioner, dataset, batch_size: int = 32, device="cpu", feats: torch.Tensor | None = None,
-                      window: int = 0, stride: int = 0, skip_empty: bool = False) -> dict:
-    """mIoU / FB-IoU (HSNet convention) of `model` on an episode dataset (binary sigmoid > 0.5).
-    `window` > 0: each image is predicted by `window` windows at `stride` (the official protocol
-    at the original resolution, no flip); `skip_empty`: episodes without foreground pixels are
-    not scored (as the official code does)."""
-    from ovseg.metrics import EpisodicMetric
-    model.eval().to(device)
-    ids = getattr(dataset, "classes", None) or getattr(dataset, "fold_classes", None)
-    ids = list(ids) if ids is not None else sorted({int(dataset[i]["class_id"]) for i in range(len(dataset))})
-    metric = EpisodicMetric(ids, num_classes=max(ids) + 1)
-    from ovseg.data import same_size_batches
-    for i, samples in progress(same_size_batches(dataset, batch_size), "episodes"):   # images may differ in size
-        b = collate(samples)
-        if "dense" in b: dense = b["dense"].to(device)
-        elif feats is not None: dense = feats[i:i + len(b["label"])].to(device)
-        else: dense = None
-        imgs = b["image"].to(device) if "image" in b else None
-        if window:
-            from ovseg.data import sliding_window
-            one = lambda im, n: sliding_window(lambda x: model.predict_episodes(x, [n] * len(x))[:, None],
-                                               im[None], window, stride or window, 1)[0, 0]
-            logits = torch.stack([one(im.to(device), n) for im, n in zip(b["image"], b["class_name"])])
-        else:
-            logits = model.predict_episodes(imgs, b["class_name"], dense=dense, out_size=tuple(b["label"].shape[-2:]))
-        pred, label, cid = logits.sigmoid().cpu() > 0.5, b["label"], torch.as_tensor(b["class_id"]).reshape(-1)
-        if skip_empty:
-            keep = (label == 1).flatten(1).any(1)
-            pred, label, cid = pred[keep], label[keep], cid[keep]
-        if len(label): metric.update(pred, label, cid)
-    r = metric.compute()
-    return {"mIoU": 100 * r["mIoU"], "FB_IoU": 100 * r["FB_IoU"], "episodes": r["episodes"]}
-
-def mean_over_folds(per_fold: dict[int, dict]) -> dict:
-    "Per-fold results plus their mean (the headline number of PASCAL-5i / COCO-20i)."
-    keys = ("mIoU", "FB_IoU")
-    return {**{f"fold{f}": r for f, r in per_fold.items()},
-            "mean": {k: sum(r[k] for r in per_fold.values()) / len(per_fold) for k in keys}}
-
-# %% ../nbs/09_fusioner.ipynb #ddffd1c6
-@torch.no_grad()
-def slide_predict(model, image01: torch.Tensor, class_names: Sequence[str], crop: int, stride: int,
-                  flip: bool = True) -> torch.Tensor:
-    "Class probabilities (K, H, W) of one image (3, H, W): `crop` windows at `stride` (+ flipped copy), averaged."
-    from ovseg.data import tta_predict
-    names = list(class_names)
-    return tta_predict(lambda x: model.predict(x, names), image01, len(names), flip=flip, window=crop, stride=stride)
-
-@torch.no_grad()
-def evaluate_semantic(model, dataset, class_names: Sequence[str] | None = None, crop: int = 480, stride: int = 320,
-                      flip: bool = True, unseen: Sequence[int] | None = None, device="cpu", limit: int | None = None) -> dict:
-    "mIoU / pAcc (and hIoU with `unseen`) of multi-class predictions, sliding window + flip."
-    from ovseg.metrics import SemanticMetric
-    names = list(class_names or dataset.class_names)
-    metric = SemanticMetric(len(names))
-    model.eval().to(device)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in progress(range(n), "semantic"):
-        s = dataset[i]
-        pred = slide_predict(model, s["image"].to(device), names, crop, stride, flip).argmax(0)
-        metric.update(pred.cpu(), s["label"])
-    r = metric.compute(unseen=unseen) if unseen else metric.compute()
-    return {k: (100 * v if isinstance(v, float) else v) for k, v in r.items() if not isinstance(v, dict)}
-
-# %% ../nbs/09_fusioner.ipynb #31f48822
-def world_features(visual, world, split: str, cache_dir=None, batch_size: int = 128, device="cpu") -> torch.Tensor:
-    "Dense features of every image of `world`'s `split` (index = image index)."
-    from ovseg.embedded import WorldSemantic
-    return compute_features(visual, WorldSemantic(world, split), batch_size, device=device, cache_dir=cache_dir)
-
-def run_world_fold(fcfg: FusionerConfig, tcfg, world, fold: int, seed: int, visual, text, feats: dict,
-                   out_dir, n_val_episodes: int | None = None, extra_eval: dict | None = None,
-                   name_cache: dict | None = None) -> tuple[Fusioner, dict]:
-    "Train Fusioner on fold `fold`'s base-class episodes; return it and its novel-class metrics."
-    from ovseg.core import seed_everything
-    from ovseg.embedded import WorldEpisodes
-    from ovseg.train import fit
-    seed_everything(seed)
-    train_eps = WorldEpisodes(world, fold, "train", classes="base")
-    index = None
-    if fcfg.train_images and fcfg.train_images < len(train_eps):
-        g = torch.Generator().manual_seed(seed)
-        index = torch.randperm(len(train_eps), generator=g)[: fcfg.train_images].sort().values.tolist()
-    train = FeatureEpisodes(train_eps, feats["train"], index=index)
-    val = FeatureEpisodes(WorldEpisodes(world, fold, "val", classes="novel", n_episodes=n_val_episodes), feats["val"])
-    model = Fusioner(fcfg, visual=visual, text=text)
-    if name_cache is not None: model._name_cache = name_cache   # share class embeddings across runs
-    model.class_embeddings(world.class_names)                     # every class name, one encoder call
-    dl = torch.utils.data.DataLoader(train, batch_size=tcfg.batch_size, collate_fn=collate)
-    tc = dataclasses.replace(tcfg, seed=seed)
-    fit(model, dl, tc, out_dir)
-    res = evaluate_episodes(model, val, batch_size=128)
-    for name, ds in (extra_eval or {}).items(): res[name] = evaluate_episodes(model, ds, batch_size=128)
-    return model, res
-
 # %% ../nbs/09_fusioner.ipynb #dfc1d4cd
-class WorldExperiment:
-    "Train/evaluate Fusioner variants over folds and seeds of the embedded world."
-    def __init__(self, cfg, out_dir, cache_dir=None, n_val_episodes: int | None = None, world=None):
-        from ovseg.embedded import get_world
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.world = world if world is not None else get_world(cfg)
-        # cache entries are keyed by image id: keep each world's features apart
-        digest = self.world.split("train").digest()[:12] + self.world.split("val").digest()[:12]
-        self.cache_dir = Path(cache_dir) / f"world-{digest}" if cache_dir else None
-        self.n_val_episodes = n_val_episodes
+class WorldFusioner:
+    """Fusioner on the embedded `world` for `ovseg.experiment.run_grid`: encoders built once per spec
+    (local weights from `encoder_weights`), dense features once per visual encoder (through the
+    on-disk cache under `cache_dir`), class embeddings once per text encoder and template set."""
+    def __init__(self, world, cache_dir=None, encoder_weights: dict | None = None):
+        self.world, self.cache_dir = world, world_cache_dir(world, cache_dir)
+        self.weights = dict(encoder_weights or {})
         self._enc, self._feats, self._names = {}, {}, {}
 
     def encoders(self, fc: FusionerConfig):
+        "The frozen (visual, text) encoders of `fc`, built on first use."
         key = (fc.visual, fc.text, fc.visual_stride, fc.pretrained)
-        if key not in self._enc:
-            self._enc[key] = build_encoders(for_dataset(fc, "world", self.cfg.params.encoders.weights))
+        if key not in self._enc: self._enc[key] = build_encoders(for_dataset(fc, "world", self.weights))
         return self._enc[key]
 
-    def features(self, fc: FusionerConfig, visual):
+    def features(self, fc: FusionerConfig) -> dict[str, torch.Tensor]:
+        "{'train', 'val'}: dense features of every image of the split under `fc`'s visual encoder."
         key = (fc.visual, fc.visual_stride, fc.pretrained)
         if key not in self._feats:
-            self._feats[key] = {s: world_features(visual, self.world, s, self.cache_dir) for s in ("train", "val")}
+            v, _ = self.encoders(fc)
+            self._feats[key] = {s: world_features(v, self.world, s, self.cache_dir) for s in ("train", "val")}
         return self._feats[key]
 
-    def run(self, name: str, fc: FusionerConfig, tcfg, fold: int, seed: int, extra_eval=None) -> dict:
-        v, t = self.encoders(fc)
-        feats = self.features(fc, v)
-        names = self._names.setdefault((fc.text, fc.templates), {})
-        t0 = time.time()
-        model, res = run_world_fold(fc, tcfg, self.world, fold, seed, v, t, feats,
-                                    self.out / "runs" / f"{name}_f{fold}_s{seed}", self.n_val_episodes,
-                                    extra_eval, names)
-        res.update(variant=name, fold=fold, seed=seed, seconds=round(time.time() - t0, 2))
-        self.last_model = model
-        return res
+    def task(self, fc: FusionerConfig, n_val_episodes: int | None = None, train_images: int = 0) -> Task:
+        "The world's episode protocol (`world_episodes`) on the cached features of `fc`'s visual encoder."
+        return world_episodes(self.world, n_val_episodes, train_images, features=self.features(fc))
 
-def summarise(rows: list[dict], key: str = "mIoU") -> dict:
-    "Per variant: fold means per seed, then mean and std over seeds (and per-fold means)."
-    import statistics
-    out = {}
-    for v in dict.fromkeys(r["variant"] for r in rows):
-        rs = [r for r in rows if r["variant"] == v]
-        seeds = sorted({r["seed"] for r in rs}); folds = sorted({r["fold"] for r in rs})
-        per_seed = [statistics.mean(r[key] for r in rs if r["seed"] == s) for s in seeds]
-        out[v] = {"mean": statistics.mean(per_seed), "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
-                  "per_seed": per_seed, "seeds": seeds,
-                  "per_fold": {f: statistics.mean(r[key] for r in rs if r["fold"] == f) for f in folds}}
-    return out
+    def build(self, fc: FusionerConfig):
+        "A model factory `(fold, seed) -> Fusioner` for the runner: a fresh head on the shared encoders and class embeddings."
+        v, t = self.encoders(fc)
+        names = self._names.setdefault((fc.text, fc.templates), {})
+        def build(fold: int, seed: int) -> Fusioner:
+            m = Fusioner(fc, visual=v, text=t)
+            m._name_cache = names                         # share class embeddings across runs
+            m.class_embeddings(self.world.class_names)    # every class name, one encoder call
+            return m
+        return build
 
 # %% ../nbs/09_fusioner.ipynb #30666a42
 def pair_config(fc: FusionerConfig, pair: str) -> FusionerConfig:
@@ -631,34 +445,34 @@ class RawNames(torch.utils.data.Dataset):
         s = dict(self.dataset[i]); s["class_name"] = self.raw[int(s["class_id"])]
         return s
 
-def run_paper_fold(fc: FusionerConfig, tcfg, dataset: str, fold: int, seed: int, out_dir, cfg,
-                   n_val_episodes: int | None = None) -> tuple[Fusioner, dict]:
-    """Train on `dataset`'s ('pascal5i' | 'coco20i') base-class training episodes of `fold` with the
-    recipe `fc` describes (augmentation, names, normalisation); test on its novel classes with
-    `fc.eval_protocol`. Training runs its fixed length and the final weights are scored: nothing is
-    selected on the test folds."""
-    from ovseg.core import seed_everything
+def paper_task(dataset: str, cfg, runs: FusionerSettings | None = None) -> Task:
+    """`dataset`'s ('pascal5i' | 'coco20i', under `paths.data`) episode protocol with the recipe of
+    `runs` (default `cfg.params.fusioner`): base-class training episodes of the fold (augmentation
+    `augment`, `crop`; names `class_names`), `episodes_per_fold` novel-class episodes scored with
+    `eval_protocol` (`window`, `stride`, `skip_empty`). Training runs its fixed length and the final
+    weights are scored: nothing is selected on the test folds."""
     from ovseg.data import Resize, create_dataset, train_transform
-    from ovseg.train import fit
-    seed_everything(seed)
+    s = cfg.params.fusioner if runs is None else runs
     dc, root = cfg.params.data, cfg.params.paths.data
-    fc = for_dataset(fc, dataset, cfg.params.encoders.weights)
-    if fc.augment == "official":
-        o = OFFICIAL_DATASET.get(dataset, OFFICIAL_DATASET["pascal5i"])
-        tf = OfficialAugment(fc.crop, fc.scale_range, o["jitter"], o["rotate"])
-    else: tf = train_transform(fc.crop, tuple(dc.scale_range))
-    train = create_dataset(dataset, root, split="trn", fold=fold, transform=tf)
-    val = create_dataset(dataset, root, split="val", fold=fold, max_episodes=n_val_episodes,
-                         transform=Resize(fc.crop) if fc.eval_protocol == "resize" else None)
-    if fc.class_names == "raw": train, val = RawNames(train), RawNames(val)
-    model = Fusioner(fc)
-    dl = torch.utils.data.DataLoader(train, batch_size=tcfg.batch_size, collate_fn=collate,
-                                     num_workers=cfg.params.runtime.num_workers, shuffle=True)
-    fit(model, dl, dataclasses.replace(tcfg, seed=seed), out_dir)
-    dev = next(model.parameters()).device
-    window = fc.crop if fc.eval_protocol == "slide" else 0
-    return model, evaluate_episodes(model, val, batch_size=1, device=dev, window=window, stride=fc.stride,
-                                    skip_empty=fc.skip_empty)
+    raw = lambda ds: RawNames(ds) if s.class_names == "raw" else ds
+    def train(fold: int, seed: int):
+        if s.augment == "official":
+            o = OFFICIAL_DATASET.get(dataset, OFFICIAL_DATASET["pascal5i"])
+            tf = OfficialAugment(s.crop, s.scale_range, o["jitter"], o["rotate"])
+        else: tf = train_transform(s.crop, tuple(dc.scale_range))
+        return raw(create_dataset(dataset, root, split="trn", fold=fold, transform=tf))
+    def evaluate(model: nn.Module, fold: int) -> dict:
+        val = raw(create_dataset(dataset, root, split="val", fold=fold, max_episodes=s.episodes_per_fold,
+                                 transform=Resize(s.crop) if s.eval_protocol == "resize" else None))
+        window = s.window if s.eval_protocol == "slide" else 0
+        return evaluate_episodes(model, val, batch_size=1, device=next(model.parameters()).device, window=window,
+                                 stride=s.stride, skip_empty=s.skip_empty)
+    return Task(train, evaluate, dataset)
+
+def paper_model(fc: FusionerConfig, dataset: str, cfg):
+    "A model factory `(fold, seed) -> Fusioner` for `dataset`: its official statistics (`input_norm='dataset'`), local weights from `encoders.weights`."
+    fcd = for_dataset(fc, dataset, cfg.params.encoders.weights)
+    return lambda fold, seed: Fusioner(fcd)
 
 # %% ../nbs/09_fusioner.ipynb #30f4d8ec
 def train_from_config(cfg, out_dir, fold: int | None = None, seed: int | None = None,
@@ -666,30 +480,29 @@ def train_from_config(cfg, out_dir, fold: int | None = None, seed: int | None = 
     """Train a Fusioner with `cfg`'s settings (fold `fold`, default the first configured one; seed
     `seed`, default `cfg.seed`; `steps` optimizer steps, default `train.max_steps`/`epochs`) and
     save it into `out_dir`. Returns `out_dir`."""
-    import json
     from ovseg.core import atomic_write_text, setup_runtime
+    from ovseg.embedded import get_world
+    from ovseg.experiment import train_config
+    from ovseg.metrics import metrics_json
     from ovseg.train import save_pretrained
     device, _ = setup_runtime(cfg)
-    fc, tc = cfg.params.fusioner, cfg.params.train
-    tc = dataclasses.replace(tc, device=str(device.type), precision=tc.precision if tc.precision != "auto" else cfg.params.runtime.precision,
-                             compile=tc.compile and device.type == "cuda")
-    if steps: tc = dataclasses.replace(tc, max_steps=int(steps))
-    fold = fc.folds[0] if fold is None else int(fold)
+    s = cfg.params.fusioner
+    fc = s.model
+    tc = train_config(cfg, device, **({"max_steps": int(steps)} if steps else {}))
+    fold = s.folds[0] if fold is None else int(fold)
     seed = cfg.seed if seed is None else int(seed)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if fc.benchmark == "world":
-        ex = WorldExperiment(cfg, out, cache_dir=cfg.params.encoders.cache_dir, n_val_episodes=fc.episodes_per_fold)
-        v, t = ex.encoders(fc)
-        model, res = run_world_fold(fc, tc, ex.world, fold, seed, v, t, ex.features(fc, v), out, fc.episodes_per_fold)
+    if s.benchmark == "world":
+        wf = WorldFusioner(get_world(cfg), cfg.params.encoders.cache_dir, cfg.params.encoders.weights)
+        model, res = run_one(wf.build(fc), wf.task(fc, s.episodes_per_fold, s.train_images), fold, seed, tc, out)
         res["dataset"] = "embedded world"
     else:
-        model, res = run_paper_fold(fc, tc, dataset, fold, seed, out, cfg, fc.episodes_per_fold)
+        model, res = run_one(paper_model(fc, dataset, cfg), paper_task(dataset, cfg), fold, seed, tc, out,
+                             cfg.params.runtime.num_workers)
         res["dataset"] = dataset
     save_pretrained(model.cpu(), out)
     res.update(profile=cfg.profile, fold=fold, seed=seed, novel_classes="episodes of the fold's novel classes",
                seconds=round(time.time() - t0, 2))
-    from ovseg.metrics import metrics_json
     atomic_write_text(out / "eval.json", metrics_json(res, indent=1))   # strict JSON: null, never NaN
-
     return out

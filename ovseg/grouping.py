@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoders import _interp_pos
+from .encoders import interpolate_pos_embed
 
 # %% auto #0
 __all__ = ['straight_through', 'gumbel_assign', 'hard_assign', 'Mlp', 'Attention', 'CrossAttnBlock', 'drop_path', 'Block',
@@ -191,7 +191,7 @@ class GroupViT(nn.Module):
         "x (B,3,H,W) normalised -> dict(tokens (B,G,C), pooled (B,C), assign (info dict), grid (h, w))."
         t = self.patch_embed(x)
         B, C, h, w = t.shape
-        t = t.flatten(2).transpose(1, 2) + _interp_pos(self.pos_embed, (self.grid, self.grid), (h, w)).to(t.dtype)
+        t = t.flatten(2).transpose(1, 2) + interpolate_pos_embed(self.pos_embed, (self.grid, self.grid), (h, w)).to(t.dtype)
         t = self.ln_pre(torch.cat([t, self.group_token.expand(B, -1, -1)], 1))
         for blk in self.stage1: t = blk(t)
         n = h * w
@@ -224,7 +224,7 @@ class GroupViT(nn.Module):
         if stem.get("patch_bias") is not None: put("patch_embed.bias", stem["patch_bias"])
         else: self.patch_embed.bias.zero_()
         n = int(round(stem["pos"].shape[0] ** 0.5))
-        put("pos_embed", _interp_pos(stem["pos"], (n, n), (self.grid, self.grid)))
+        put("pos_embed", interpolate_pos_embed(stem["pos"], (n, n), (self.grid, self.grid)))
         for k in ("ln_pre.weight", "ln_pre.bias", "norm.weight", "norm.bias"):
             if k in stem: put(k, stem[k])
         return copied

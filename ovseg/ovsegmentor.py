@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cliptrain import contrastive_loss
+from .encoders import prompt_ensemble
 from .core import OVSegmentorConfig, OVSegmentorSettings, TrainConfig
 from .grouping import Block, CrossAttnBlock, GroupViT, ProjectMLP
 from .train import register_arch
@@ -365,10 +366,9 @@ class OVSegmentor(nn.Module):
 # %% ../nbs/11_ovsegmentor.ipynb #cec858d6
 @torch.no_grad()
 def _class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
-    "(K,E) class embeddings: `class_template`(s) embedded, averaged, L2-normalised."
+    "(K,E) class embeddings: `class_template`(s) embedded, averaged, L2-normalised (`ovseg.encoders.prompt_ensemble`)."
     tpls = [t.strip() for t in self.config.class_template.split(";") if t.strip()]
-    e = torch.stack([self.encode_text([t.format(n) for n in names]) for t in tpls])
-    return F.normalize(e.mean(0), dim=-1)
+    return prompt_ensemble(self.encode_text, names, tpls)
 
 @torch.no_grad()
 def _parts(self, images01: torch.Tensor, text: torch.Tensor) -> dict:

@@ -16,81 +16,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .data import CorruptFileError, ImageError, image_to_tensor, read_image
 
 # %% auto #0
-__all__ = ['SegmentError', 'load_image', 'pil_to_tensor', 'parse_classes', 'available_models', 'load_model', 'working_size',
-           'sliding_logits', 'SegmentResult', 'label_dtype', 'segment', 'palette', 'label_png', 'overlay',
-           'output_paths', 'output_names', 'save_result']
+__all__ = ['SegmentError', 'parse_classes', 'available_models', 'load_model', 'working_size', 'sliding_logits', 'SegmentResult',
+           'label_dtype', 'segment', 'palette', 'label_png', 'overlay', 'output_paths', 'output_names', 'save_result']
 
 # %% ../nbs/14_segment.ipynb #a39e86c1
 class SegmentError(ValueError):
     "A problem with the user's input (image, class list or model spec); the message says what to do."
-
-# %% ../nbs/14_segment.ipynb #c3f5948c
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8: return a
-    if a.dtype == bool: return a.astype(np.uint8) * 255
-    if a.dtype == np.uint16: return (a.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
-    if np.issubdtype(a.dtype, np.integer):
-        hi = float(a.max()) if a.size else 1.0
-        scale = 65535.0 if hi > 255 else 255.0
-        return (np.clip(a.astype(np.float64) / scale, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if np.issubdtype(a.dtype, np.floating):
-        a = np.nan_to_num(a.astype(np.float32))
-        if a.size and a.max() > 1.0 + 1e-6:
-            raise SegmentError("float image values must be in [0, 1] (got a maximum of "
-                               f"{float(a.max()):.3g}); divide by 255 or pass a uint8 array")
-        return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-    raise SegmentError(f"unsupported image dtype {a.dtype}")
-
-def _array_to_pil(a: np.ndarray) -> Image.Image:
-    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
-    if a.ndim == 2: return Image.fromarray(_to_uint8(a), "L").convert("RGB")
-    if a.ndim == 3 and a.shape[-1] in (3, 4):
-        img = Image.fromarray(_to_uint8(a), "RGB" if a.shape[-1] == 3 else "RGBA")
-        return _pil_to_rgb(img)
-    raise SegmentError(f"cannot read an image array of shape {a.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
-
-def _pil_to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB": return img
-    if img.mode == "P": img = img.convert("RGBA")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _array_to_pil(np.asarray(img) if img.mode != "I;16B" else np.asarray(img).astype(np.uint16))
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")
-
-def load_image(image: Any) -> Image.Image:
-    "Any supported image input -> an RGB PIL image (EXIF orientation applied for files)."
-    if isinstance(image, (str, os.PathLike)):
-        p = Path(image)
-        if not p.exists(): raise SegmentError(f"image file not found: {p}")
-        if p.is_dir(): raise SegmentError(f"{p} is a directory, not an image")
-        try:
-            with Image.open(p) as im:
-                im = ImageOps.exif_transpose(im)
-                im.load()
-                return _pil_to_rgb(im)
-        except SegmentError: raise
-        except Exception as e:
-            raise SegmentError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
-    if isinstance(image, Image.Image): return _pil_to_rgb(image)
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1: t = t[0]
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4): t = t.permute(1, 2, 0)
-        elif t.ndim != 2: raise SegmentError(f"cannot read an image tensor of shape {tuple(image.shape)}; "
-                                             "expected (3,H,W), (1,H,W) or (H,W)")
-        return _array_to_pil(t.numpy())
-    if isinstance(image, np.ndarray): return _array_to_pil(image)
-    raise SegmentError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
-
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    "RGB PIL image -> float32 (3,H,W) in [0, 1]."
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 # %% ../nbs/14_segment.ipynb #b82c984b
 def parse_classes(classes: str | Sequence[str], duplicates: str = "merge") -> list[str]:
@@ -139,17 +75,18 @@ def _load_checkpoint_dir(p: Path, allow_encoder_mismatch: bool = False) -> nn.Mo
     from ovseg.train import from_pretrained     # imports the module that registers the saved arch
     return from_pretrained(p, allow_encoder_mismatch=allow_encoder_mismatch)
 
-def load_model(spec: Any = None, pretrained: str | None = None, residual: bool = True, mlp: bool = True,
-               allow_encoder_mismatch: bool = False) -> nn.Module:
+def load_model(spec: Any = None, pretrained: str | None = None, allow_encoder_mismatch: bool = False,
+               clip_arch: str = "denseclip", **options) -> nn.Module:
     """Resolve a model spec (module, checkpoint dir, open_clip dir or name) to a module with `predict`.
-    A checkpoint whose frozen encoders now have other weights is refused unless `allow_encoder_mismatch`."""
+    A checkpoint whose frozen encoders now have other weights is refused unless `allow_encoder_mismatch`.
+    A bare CLIP becomes the registered arch `clip_arch` with settings `options` (dense CLIP: residual, mlp)."""
     if isinstance(spec, nn.Module) or (spec is not None and hasattr(spec, "predict") and not isinstance(spec, (str, os.PathLike))):
         if not hasattr(spec, "predict"): raise SegmentError(f"{type(spec).__name__} has no predict(images01, class_names)")
         return spec
     if spec is None: raise SegmentError("no model given; pass model=<checkpoint dir | open_clip name | open_clip dir>")
-    key = (str(spec), pretrained, residual, mlp, allow_encoder_mismatch)
+    key = (str(spec), pretrained, allow_encoder_mismatch, clip_arch, tuple(sorted(options.items())))
     if key in _MODEL_CACHE: return _MODEL_CACHE[key]
-    from ovseg.denseclip import DenseCLIP
+    from ovseg.train import build_model     # the arch registry, as for checkpoints
     import open_clip
     s = str(spec)
     name = s[len("open_clip:"):] if s.startswith("open_clip:") else s
@@ -160,13 +97,13 @@ def load_model(spec: Any = None, pretrained: str | None = None, residual: bool =
     if p.is_dir() and (p / "config.json").exists() and not s.startswith("open_clip:"):
         model = _load_checkpoint_dir(p, allow_encoder_mismatch)
     elif p.is_dir() and (p / "open_clip_config.json").exists():
-        model = DenseCLIP.from_open_clip(str(p), residual=residual, mlp=mlp)
+        model = build_model(clip_arch, dict(options, clip=str(p)), f"model={s!r}")
     elif name in open_clip.list_models():
         if not pretrained:
             raise SegmentError(f"open_clip model {name!r} needs pretrained weights: pass pretrained=<tag> (e.g. "
                                f"'openai'; tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
                                "or a local checkpoint path; random weights give meaningless labels")
-        model = DenseCLIP.from_open_clip(name, pretrained, residual=residual, mlp=mlp)
+        model = build_model(clip_arch, dict(options, clip=name, pretrained=pretrained), f"model={s!r}")
     else:
         avail = available_models()
         close = difflib.get_close_matches(name, avail, n=3)
@@ -183,7 +120,8 @@ def load_model(spec: Any = None, pretrained: str | None = None, residual: bool =
     return model
 
 # %% ../nbs/14_segment.ipynb #49472710
-from .data import sliding_window, window_starts
+from .data import window_starts
+from .experiment import predict_windows   # the one way a model runs over windows
 
 def working_size(size_hw: tuple[int, int], short_side: int | None) -> tuple[int, int]:
     "The (h, w) to predict at: downscaled so the short side is at most `short_side`."
@@ -198,7 +136,7 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, class_names: Sequence[
     "Window-averaged logits `(K, h, w)` for one image `(3, h, w)`; returns (logits, number of windows)."
     _, h, w = image.shape
     names = list(class_names)
-    logits = sliding_window(lambda crop: model.predict(crop, names), image.cpu(), window, stride, len(names))
+    logits = predict_windows(model, image.cpu(), names, window, stride, probs=False)
     return logits, len(window_starts(h, window, stride)) * len(window_starts(w, window, stride))
 
 # %% ../nbs/14_segment.ipynb #db3e00f7
@@ -271,11 +209,12 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
     if window <= 0 or stride <= 0 or stride > window:
         raise SegmentError(f"need 0 < stride <= window, got window={window}, stride={stride}")
     m = load_model(model, pretrained)
-    img = load_image(image)
+    try: img = read_image(image)
+    except (ImageError, CorruptFileError) as e: raise SegmentError(str(e)) from None
     W, H = img.size
     h, w = working_size((H, W), short_side)
     work = img if (h, w) == (H, W) else img.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
-    x = pil_to_tensor(work)
+    x = image_to_tensor(work)
     logits, nwin = sliding_logits(m, x, names, window, stride)
     label = _label_stripes(logits, (H, W), background_threshold)
     probs = logits.softmax(0)

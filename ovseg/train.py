@@ -21,10 +21,9 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
 
 # %% auto #0
 __all__ = ['ARCHS', 'ARCH_MODULES', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed',
-           'EpochSampler', 'register_arch', 'import_arch', 'trainable_state_dict', 'CheckpointError',
-           'UnknownArchError', 'encoder_hashes', 'save_pretrained', 'check_encoders', 'from_pretrained', 'ToyConfig',
-           'ToyModel', 'ToyData', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'run_provenance',
-           'fit']
+           'EpochSampler', 'register_arch', 'import_arch', 'arch_class', 'build_model', 'trainable_state_dict',
+           'CheckpointError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained', 'check_encoders',
+           'from_pretrained', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'run_provenance', 'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
@@ -117,7 +116,7 @@ def _loader_like(loader, sampler):
 # %% ../nbs/08_train.ipynb #14fdde15
 ARCHS: dict[str, type] = {}
 # archs whose defining module is not `ovseg.<arch>`; from_pretrained imports it on demand
-ARCH_MODULES = {"zsseg": "ovseg.twostage", "fisa": "ovseg.fisa"}
+ARCH_MODULES = {"zsseg": "ovseg.twostage", "fisa": "ovseg.fisa", "toy": "ovseg.testing"}
 
 def register_arch(name: str, cls: type | None = None):
     "Register `cls` under `name` (usable as a decorator); sets `cls.arch = name`; warns when replacing another class."
@@ -140,6 +139,24 @@ def import_arch(arch: str) -> bool:
         except ModuleNotFoundError as e:
             if e.name != mod: raise      # the module exists but one of its own imports is missing: say so
     return arch in ARCHS
+
+def arch_class(arch: str, where: str = "build_model") -> type:
+    "The class registered as `arch` (its module imported on demand, `import_arch`); `UnknownArchError` naming `where`."
+    if isinstance(arch, str): import_arch(arch)      # e.g. "zsseg" registers on importing ovseg.twostage
+    if arch not in ARCHS:
+        raise UnknownArchError(f"unknown arch {arch!r} in {where}; registered: {sorted(ARCHS)} "
+                               "(import the module that defines it, e.g. ovseg.fusioner)")
+    return ARCHS[arch]
+
+def build_model(arch: str, config: Any = None, where: str = "build_model") -> nn.Module:
+    """A registered arch made from `config` (its `config_class` dataclass, or a dict checked into one; archs
+    without a config class get the dict): the one way a model is made from a name, by `from_pretrained`
+    (which then loads the saved weights) and `ovseg.segment.load_model` alike."""
+    cls = arch_class(arch, where)
+    cfg_cls = getattr(cls, "config_class", None)
+    if cfg_cls is not None and not isinstance(config, cfg_cls): config = from_dict(cfg_cls, dict(config or {}), "config", where)
+    elif config is None: config = {}
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 def _to_jsonable(cfg):
     if dataclasses.is_dataclass(cfg): return dataclasses.asdict(cfg)
@@ -227,17 +244,12 @@ def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", all
     must have the weights hashes recorded at saving (`allow_encoder_mismatch=True` only warns)."""
     d = Path(directory)
     meta = _read_config_json(d)
-    arch = meta.get("arch")
-    if isinstance(arch, str): import_arch(arch)      # e.g. "zsseg" registers on importing ovseg.twostage
-    if arch not in ARCHS:
-        raise UnknownArchError(f"unknown arch {arch!r} in {d}/config.json; registered: {sorted(ARCHS)} "
-                              "(import the module that defines it, e.g. ovseg.fusioner)")
-    cls = ARCHS[arch]
+    cls = arch_class(meta.get("arch"), f"{d}/config.json")
     raw = {**meta.get("config", {}), **overrides}
     cfg_cls = getattr(cls, "config_class", None)
     cfg = from_dict(cfg_cls, raw, "config", str(d / "config.json")) if cfg_cls else raw
     sd = _load_tensors(d / "model.safetensors", map_location)
-    try: model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
+    try: model = build_model(meta["arch"], cfg, f"{d}/config.json")
     except (AssertionError, ValueError, TypeError, KeyError) as e:
         if isinstance(e, CheckpointError) or type(e).__name__ == "EncoderWeightsError": raise
         raise CheckpointError(f"{d}/config.json describes no valid {cls.__name__}: {type(e).__name__}: {e}") from None
@@ -252,35 +264,6 @@ def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", all
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     check_encoders(model, meta, str(d), allow_encoder_mismatch)
     return model.eval()
-
-# %% ../nbs/08_train.ipynb #0186b1a0
-@dataclasses.dataclass
-class ToyConfig:
-    "A linear regressor with dropout, for tests and this notebook."
-    dim: int = 4
-    hidden: int = 8
-    dropout: float = 0.1
-
-@register_arch("toy")
-class ToyModel(nn.Module):
-    "A two-layer regressor whose `training_loss` is the mean squared error of batch['x'] -> batch['y']."
-    config_class = ToyConfig
-    def __init__(self, config: ToyConfig):
-        super().__init__()
-        self.config = config
-        self.net = nn.Sequential(nn.Linear(config.dim, config.hidden), nn.ReLU(),
-                                 nn.Dropout(config.dropout), nn.Linear(config.hidden, 1))
-    def forward(self, x): return self.net(x).squeeze(-1)
-    def training_loss(self, batch): return ((self(batch["x"]) - batch["y"]) ** 2).mean()
-
-class ToyData(torch.utils.data.Dataset):
-    "n samples of a fixed random linear function plus noise."
-    def __init__(self, n: int = 64, dim: int = 4, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g)
-        self.y = self.x @ torch.randn(dim, generator=g) + 0.1 * torch.randn(n, generator=g)
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return {"x": self.x[i], "y": self.y[i]}
 
 # %% ../nbs/08_train.ipynb #fdd3ea7b
 def _rng_state() -> tuple[dict, dict]:
@@ -544,8 +527,8 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
     warmup = tcfg.warmup_steps + round(tcfg.warmup_epochs * steps_per_epoch)
 
     groups = param_groups(model, tcfg.groups, steps_per_epoch)
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay,
-                            fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
+                            weight_decay=tcfg.weight_decay, fused=device.type == "cuda" or None)
     state = dict(step=0, epoch=0, batch_in_epoch=0, log=[], evals=[])
     run = _run_signature(model, tcfg, loader, world)
     if tcfg.groups: run["groups"] = json.loads(json.dumps(dataclasses.asdict(tcfg)["groups"]))

@@ -213,12 +213,7 @@ class ZsSeg(nn.Module):
         if self.prompt is not None: return self.prompt(list(names), self.clip_text)
         missing = list(dict.fromkeys(n for n in names if n not in self._name_cache))
         if missing:
-            if self.config.templates == "embedded":
-                from ovseg.cliptrain import class_embeddings
-                m, tok = _text_tower(self.clip_text), self.clip_text.tokenizer
-                dev = m.token_embedding.weight.device
-                emb = class_embeddings(m, lambda t: tok(t).to(dev), missing)
-            else: emb = self.clip_text.encode_classes(missing, templates=self.config.templates)
+            emb = self.clip_text.encode_classes(missing, templates=self.config.templates)   # a registered set or a list
             self._name_cache.update(zip(missing, emb.float().cpu()))
         return torch.stack([self._name_cache[n] for n in names]).to(self.device)
 

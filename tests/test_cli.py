@@ -2,9 +2,7 @@ import json, os, subprocess, sys
 import numpy as np
 import pytest, torch, open_clip
 from PIL import Image
-from safetensors.torch import save_file
 from ovseg.cli import main
-from ovseg.denseclip import TINY_CLIP_CFG
 
 torch.set_num_threads(1)
 
@@ -67,8 +65,8 @@ def test_train_then_segment(clipdir, imgs, tmp_path, capsys):
         "runtime": {"device": "cpu", "threads": 1}, "encoders": {"cache_dir": ""},
         "world": {"image_size": 64, "n_train": 24, "n_val": 12, "out_dir": str(tmp_path / "world")},
         "train": {"max_steps": 5, "batch_size": 8, "log_every": 1},
-        "fusioner": {"visual": spec, "text": spec, "dim": 16, "depth": 1, "heads": 2, "drop_path": 0.0,
-                     "decoder_channels": [8, 8, 8, 8], "episodes_per_fold": 8, "templates": "plain", "folds": [1]}}}}
+        "fusioner": {"model": {"visual": spec, "text": spec, "dim": 16, "depth": 1, "heads": 2, "drop_path": 0.0,
+                               "decoder_channels": [8, 8, 8, 8], "templates": "plain"}, "episodes_per_fold": 8, "folds": [1]}}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     ck = tmp_path / "ck"
     assert main(["train", "--params", str(tmp_path / "params.yaml"), "--steps", "3", "--seed", "1", "--out", str(ck)]) == 0

@@ -1,15 +1,15 @@
 import json
 import pytest, torch, open_clip
 import torch.nn.functional as F
-from ovseg.denseclip import (DenseCLIP, TINY_CLIP_CFG, dense_clip_tokens, interpolate_pos_embed, load_open_clip,
-                             encode_class_names)
+from ovseg.denseclip import DenseCLIP, dense_clip_tokens
+from ovseg.encoders import OpenClipTextEncoder, interpolate_pos_embed, load_open_clip
+from ovseg.testing import TINY_CLIP_CFG, tiny_clip, tiny_clip_dir
 
 torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return open_clip.CLIP(**TINY_CLIP_CFG).eval()
+    return tiny_clip()
 
 def _manual(v, img, residual, mlp):
     B = img.shape[0]
@@ -60,7 +60,7 @@ def test_predict_any_size_and_cosine(tiny):
         assert out.abs().max() <= dc.logit_scale + 1e-4     # scaled cosine
 
 def test_prompt_ensemble_normalised(tiny):
-    e = encode_class_names(tiny, ["a", "b", "c"], ["{}", "a photo of a {}."])
+    e = DenseCLIP(tiny, ["{}", "a photo of a {}."]).class_embeddings(["a", "b", "c"])
     assert e.shape == (3, 32) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 def test_save_load_roundtrip(tiny, tmp_path):
@@ -75,9 +75,7 @@ def test_save_load_roundtrip(tiny, tmp_path):
     assert torch.allclose(from_pretrained(tmp_path).predict(img, ["x", "y"]), ref, atol=1e-5)
 
 def test_from_open_clip_dir(tiny, tmp_path):
-    from safetensors.torch import save_file
-    save_file(tiny.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    tiny_clip_dir(tmp_path)                     # the same weights as `tiny`
     dc = DenseCLIP.from_open_clip(str(tmp_path))
     ref = DenseCLIP(tiny, model_cfg=TINY_CLIP_CFG)
     img = torch.rand(1, 3, 32, 32)

@@ -8,7 +8,10 @@ import torch
 torch.set_num_threads(1)
 from ovseg.encoders import (EncoderWeightsError, VisualFeatures, create_clip, create_text_encoder,
                             create_visual_encoder, list_encoders, register_encoder, save_open_clip_dir,
-                            TINY_CLIP_CFG, get_templates, VisualEncoder, _seeded)
+                            get_templates, VisualEncoder, _seeded)
+from ovseg.testing import tiny_clip, tiny_clip_cfg
+
+TINY_CLIP_CFG = tiny_clip_cfg(image_size=64, patch_size=16)   # 4x4 patches of 16 pixels
 
 
 def _frozen(enc):
@@ -161,7 +164,7 @@ def test_random_vit_control():
 def clip_dir(tmp_path_factory):
     import open_clip
     d = tmp_path_factory.mktemp("clip")
-    with _seeded(0): m = open_clip.CLIP(**TINY_CLIP_CFG)
+    m = tiny_clip(image_size=64, patch_size=16)
     save_open_clip_dir(m, d / "vit", TINY_CLIP_CFG)
     rn_cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
               "text_cfg": TINY_CLIP_CFG["text_cfg"]}

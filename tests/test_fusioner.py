@@ -5,9 +5,10 @@ import torch.nn.functional as F
 import torch
 
 from ovseg.core import FusionerConfig, TrainConfig
-from ovseg.fusioner import (Fusioner, FusionHead, HashText, RandomVisual, binary_episode_loss, collate,
-                            evaluate_episodes, mean_over_folds, multiclass_loss, slide_predict, WithFeatures,
-                            compute_features)
+from ovseg.testing import HashText, RandomVisual
+from ovseg.data import collate
+from ovseg.experiment import WithFeatures, compute_features, evaluate_episodes, mean_over_folds, predict_windows
+from ovseg.fusioner import Fusioner, FusionHead, binary_episode_loss, multiclass_loss
 from ovseg.train import fit, from_pretrained, save_pretrained
 
 torch.set_num_threads(1)
@@ -142,10 +143,10 @@ def test_with_features_dataset():
 def test_sliding_window_covers_and_flip():
     m = _model(mode="multiclass").eval()
     img = torch.rand(3, 45, 70)
-    s = slide_predict(m, img, ["a", "b"], crop=32, stride=20, flip=True)
+    s = predict_windows(m, img, ["a", "b"], window=32, stride=20, flip=True)
     assert s.shape == (2, 45, 70)
     torch.testing.assert_close(s.sum(0), torch.ones(45, 70))  # mean of softmaxes
-    small = slide_predict(m, torch.rand(3, 20, 20), ["a", "b"], crop=32, stride=20, flip=False)
+    small = predict_windows(m, torch.rand(3, 20, 20), ["a", "b"], window=32, stride=20, flip=False)
     assert small.shape == (2, 20, 20)
 
 
@@ -162,22 +163,23 @@ from ovseg.fusioner import OfficialAugment, build_encoders, fit_to_output, for_d
 def test_paper_profile_is_the_official_recipe():
     "Every row of METHODS.md section 0 as a setting of the `paper` profile (docs/fusioner.md)."
     cfg = load_config("params.yaml", "paper")
-    fc, tc = cfg.params.fusioner, cfg.params.train
+    fc, runs, tc = cfg.params.fusioner.model, cfg.params.fusioner, cfg.params.train
     assert (fc.dim, fc.depth, fc.heads, fc.mlp_ratio, fc.drop_path, fc.temperature) == (512, 12, 8, 4.0, 0.0, 0.07)
     assert fc.decoder_channels == [512] * 4 and not fc.decoder_affine and fc.resize == "features"
     assert (fc.class_embed, fc.out_proj, fc.init) == ("shared", "matrix", "torch")
-    assert (fc.templates, fc.class_names) == ("fusioner32", "raw")
+    assert (fc.templates, runs.class_names) == ("fusioner32", "raw")
     assert fc.visual == fc.text == "open_clip:ViT-L-14-quickgelu" and fc.pretrained == "openai"
-    assert fc.loss_reduction == "image" and fc.input_norm == "dataset" and fc.augment == "official"
-    assert (fc.crop, fc.stride, fc.flip, fc.eval_protocol, fc.skip_empty) == (224, 149, False, "slide", True)
-    assert fc.scale_range == [0.5, 1.0] and fc.benchmark == "real"
+    assert fc.loss_reduction == "image" and fc.input_norm == "dataset" and runs.augment == "official"
+    assert (runs.crop, runs.window, runs.stride, runs.flip, runs.eval_protocol, runs.skip_empty) == (224, 224, 149, False, "slide", True)
+    assert runs.scale_range == [0.5, 1.0] and runs.benchmark == "real"
     assert (tc.epochs, tc.warmup_epochs, tc.lr, tc.min_lr, tc.weight_decay, tc.weight_decay_end) == (510, 10, 1e-3, 2e-6, 0.01, 0.4)
     assert tc.grad_clip == 0 and tc.precision == "fp32" and tc.batch_size == 32
     dec = tc.groups["decoder"]
     assert (dec.prefixes, dec.optimizer, dec.lr, dec.schedule, dec.weight_decay, dec.warmup_steps, dec.warmup_epochs) == \
         (["head.decoder."], "adam", 1e-3, "constant", 0.0, 0, 0.0)
     emb = load_config("params.yaml", "embedded").params.fusioner   # ovseg's own choices stay named options there
-    assert (emb.class_embed, emb.out_proj, emb.resize, emb.input_norm, emb.augment) == ("per_slot", "linear", "logits", "encoder", "ovseg")
+    m = emb.model
+    assert (m.class_embed, m.out_proj, m.resize, m.input_norm, emb.augment) == ("per_slot", "linear", "logits", "encoder", "ovseg")
 
 
 @pytest.mark.parametrize("resize", ["features", "logits"])
@@ -238,13 +240,13 @@ def test_paper_pairs_honour_encoders_weights(tmp_path):
     torch.save(ckpt, tmp_path / "vit-b-300ep.pth.tar")
     cfg = load_config("params.yaml", "paper")
     weights = {"mocov3-vitb": str(tmp_path / "vit-b-300ep.pth.tar"), "bert-base": str(_fake_bert(tmp_path / "bert"))}
-    fc = for_dataset(pair_config(cfg.params.fusioner, "mocov3-vitb|bert-base"), "coco20i", weights)
+    fc = for_dataset(pair_config(cfg.params.fusioner.model, "mocov3-vitb|bert-base"), "coco20i", weights)
     v, t = build_encoders(fc)
     assert v.name.startswith("mocov3-vitb+norm") and tuple(v.mean) == (0.4650, 0.4357, 0.3973)   # official COCO statistics
     torch.testing.assert_close(v.model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     assert t.encode_classes(["cat"], templates="plain").shape == (1, 16)
     with pytest.raises(Exception, match="weights"):   # without the mapping: the error says how to pass them
-        build_encoders(pair_config(cfg.params.fusioner, "mocov3-vitb|bert-base"))
+        build_encoders(pair_config(cfg.params.fusioner.model, "mocov3-vitb|bert-base"))
 
 
 def test_openai_weights_into_gelu_model_is_an_error():
@@ -254,7 +256,7 @@ def test_openai_weights_into_gelu_model_is_an_error():
 
 
 def _paper_small(**kw):
-    fc = load_config("params.yaml", "paper").params.fusioner
+    fc = load_config("params.yaml", "paper").params.fusioner.model
     return dataclasses.replace(fc, dim=16, depth=1, heads=2, decoder_channels=[16] * 4, visual_dim=0, text_dim=0, **kw)
 
 

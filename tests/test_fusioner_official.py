@@ -21,7 +21,7 @@ TOL = 1e-4
 
 def _paper_small():
     "The `paper` profile's Fusioner head settings, at a small width and depth."
-    fc = load_config("params.yaml", "paper").params.fusioner
+    fc = load_config("params.yaml", "paper").params.fusioner.model
     # the settings that make it the official architecture (a change of the profile fails here)
     assert (fc.class_embed, fc.out_proj, fc.init, fc.decoder_affine, fc.resize, fc.drop_path) == \
         ("shared", "matrix", "torch", False, "features", 0.0)

@@ -27,11 +27,11 @@ def test_entry_points_resolve_to_their_modules():
     assert ovseg.create_text_encoder is enc.create_text_encoder and ovseg.create_clip is enc.create_clip
     with pytest.raises(AttributeError, match="no_such_thing"): ovseg.no_such_thing
 
-@pytest.mark.parametrize("first", ["import ovseg", "from ovseg.segment import load_image; import ovseg"])
+@pytest.mark.parametrize("first", ["import ovseg", "from ovseg.segment import parse_classes; import ovseg"])
 def test_segment_is_callable_whatever_was_imported_first(first):
-    # `ovseg.segment(image, classes)` calls the function, `ovseg.segment.load_image` is the module's
+    # `ovseg.segment(image, classes)` calls the function, `ovseg.segment.parse_classes` is the module's
     out = _py(first + "\nimport ovseg.segment as m; print(callable(ovseg.segment), m is ovseg.segment, "
-              "hasattr(m, 'load_image'))")
+              "hasattr(m, 'parse_classes'))")
     assert out == "True True True"
 
 def test_segment_call_goes_to_the_function(monkeypatch):

@@ -44,10 +44,11 @@ def test_paper_figures_file_is_what_the_table_notebooks_read():
 
 @pytest.mark.parametrize("profile", ["embedded", "paper"])
 def test_encoder_pairs_parse_and_include_the_main_pair(profile):
-    fc = load_config(ROOT / "params.yaml", profile).params.fusioner
-    configs = [pair_config(fc, p) for p in fc.pairs]
+    runs = load_config(ROOT / "params.yaml", profile).params.fusioner
+    fc = runs.model
+    configs = [pair_config(fc, p) for p in runs.pairs]
     assert all(c.visual and c.text for c in configs)
-    assert [pair_spec(c) for c in configs] == fc.pairs
+    assert [pair_spec(c) for c in configs] == runs.pairs
     if profile == "embedded":   # the encoder table reuses the main stage's runs for these two
         random = pair_spec(pair_config(fc, f"random:{fc.visual}@{fc.visual_stride}|random:{fc.text}"))
-        assert pair_spec(fc) in fc.pairs and random in fc.pairs
+        assert pair_spec(fc) in runs.pairs and random in runs.pairs

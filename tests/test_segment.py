@@ -4,8 +4,10 @@ import pytest, torch, open_clip
 import torch.nn as nn
 from PIL import Image
 from safetensors.torch import save_file
-from ovseg.denseclip import DenseCLIP, TINY_CLIP_CFG
-from ovseg.segment import (SegmentError, load_image, load_model, parse_classes, segment, overlay, label_png,
+from ovseg.denseclip import DenseCLIP
+from ovseg.testing import HashText, RandomVisual
+from ovseg.data import read_image
+from ovseg.segment import (SegmentError, load_model, parse_classes, segment, overlay, label_png,
                            save_result, window_starts, _label_stripes)
 import torch.nn.functional as F
 
@@ -34,19 +36,19 @@ def test_input_kinds(kind, tmp_path):
 def test_16bit_png_file(tmp_path):
     a = (np.linspace(0, 65535, 20 * 30).reshape(20, 30)).astype(np.uint16)
     Image.fromarray(a).save(tmp_path / "g16.png")
-    im = load_image(tmp_path / "g16.png")
+    im = read_image(tmp_path / "g16.png")
     assert im.mode == "RGB" and im.size == (30, 20)
     assert abs(int(np.asarray(im)[-1, -1, 0]) - 255) <= 1 and int(np.asarray(im)[0, 0, 0]) == 0
 
 def test_rgba_transparent_is_white():
     a = np.zeros((4, 4, 4), np.uint8)
-    assert (np.asarray(load_image(a)) == 255).all()
+    assert (np.asarray(read_image(a)) == 255).all()
 
 def test_exif_orientation(tmp_path):
     img = Image.fromarray(RGB)          # 60 wide, 40 high, red left
     exif = Image.Exif(); exif[0x0112] = 6  # rotate 90 CW on display
     img.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
-    im = load_image(tmp_path / "r.jpg")
+    im = read_image(tmp_path / "r.jpg")
     assert im.size == (40, 60)           # rotated
     r = segment(tmp_path / "r.jpg", "red, blue", model=Colour())
     assert r.label.shape == (60, 40)
@@ -116,7 +118,7 @@ def test_fusioner_checkpoint(tmp_path):
     try:
         cfg = FusionerConfig(**{k: v for k, v in dict(visual_dim=24, text_dim=12).items()
                                 if k in {f.name for f in dataclasses.fields(FusionerConfig)}})
-        m = fz.Fusioner(cfg, visual=fz.RandomVisual(24), text=fz.HashText(12))
+        m = fz.Fusioner(cfg, visual=RandomVisual(24), text=HashText(12))
     except Exception as e:
         pytest.skip(f"Fusioner API not ready: {e}")
     r = segment(RGB, "red, blue", model=m)

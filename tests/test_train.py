@@ -6,7 +6,8 @@ import torch
 import torch.multiprocessing as mp
 
 from ovseg.core import TrainConfig
-from ovseg.train import (ToyConfig, ToyData, ToyModel, fit, from_pretrained, lr_at, register_arch,
+from ovseg.testing import ToyConfig, ToyData, ToyModel
+from ovseg.train import (fit, from_pretrained, lr_at, register_arch,
                          save_pretrained, save_checkpoint, wd_at, EpochSampler, ARCHS)
 
 torch.set_num_threads(1)

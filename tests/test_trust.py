@@ -11,7 +11,8 @@ from PIL import Image
 from ovseg.cli import main
 from ovseg.core import ConfigError, TrainConfig, load_config
 import ovseg.train as T
-from ovseg.train import ToyConfig, ToyData, ToyModel, fit, from_pretrained, save_pretrained
+from ovseg.testing import HashText, RandomVisual, ToyConfig, ToyData, ToyModel
+from ovseg.train import fit, from_pretrained, save_pretrained
 
 
 def _cli(*argv):
@@ -56,7 +57,7 @@ def test_1_open_clip_dir_without_weights_is_an_error(clip, tmp_path):
 
 
 def test_1_dense_clip_loader_refuses_a_folder_without_weights(clip):
-    from ovseg.denseclip import load_open_clip
+    from ovseg.encoders import load_open_clip
     from ovseg.encoders import EncoderWeightsError
     (clip / "open_clip_model.safetensors").unlink()
     with pytest.raises(EncoderWeightsError, match="open_clip_model.safetensors"):
@@ -81,15 +82,12 @@ def test_1_fusioner_checkpoint_whose_encoder_lost_its_weights(clip, tmp_path):
 
 
 def test_1_checkpoint_records_encoder_hash_and_refuses_other_weights(clip, tmp_path):
-    import open_clip
-    from safetensors.torch import save_file
-    from ovseg.denseclip import TINY_CLIP_CFG
+    from ovseg.testing import tiny_clip_dir
     ck = _fusioner_ckpt(clip, tmp_path / "ck")
     meta = json.loads((ck / "config.json").read_text())
     assert len(meta["encoders"]["visual"]["weights_sha256"]) == 64
     from_pretrained(ck)                                            # same weights: loads
-    torch.manual_seed(1)                                           # other weights at the same path
-    save_file(open_clip.CLIP(**TINY_CLIP_CFG).state_dict(), str(clip / "open_clip_model.safetensors"))
+    tiny_clip_dir(clip, seed=1)                                    # other weights at the same path
     with pytest.raises(T.CheckpointError, match="allow_encoder_mismatch"):
         from_pretrained(ck)
     with pytest.warns(UserWarning, match="weights"):
@@ -362,8 +360,9 @@ def test_7_evaluate_episodes_on_images_of_different_sizes():
                         class_name=["red", "blue"][i % 2])
     cfg = FusionerConfig(dim=16, depth=1, heads=2, decoder_channels=[8, 8, 8, 8], max_classes=4)
     torch.manual_seed(0)
-    m = fz.Fusioner(cfg, visual=fz.RandomVisual(24), text=fz.HashText(12))
-    r = fz.evaluate_episodes(m, Eps())                              # default batch size
+    m = fz.Fusioner(cfg, visual=RandomVisual(24), text=HashText(12))
+    from ovseg.experiment import evaluate_episodes
+    r = evaluate_episodes(m, Eps())                                 # default batch size
     assert r["episodes"] == 5
 
 
