@@ -44,3 +44,13 @@ def test_repro_stage_runs_in_ovseg_kernel_and_logs_no_warning_or_error(tmp_path)
     assert not bad, "a healthy stage logged:\n" + "\n".join(bad)
     assert "(kernel ovseg)" in log
     assert json.loads((out / "metrics.json").read_text()) and (out / "00_environment.ipynb").exists()
+
+
+def test_every_notebook_opens_in_the_ovseg_kernel():
+    # JupyterLab picks a notebook's kernel from its kernelspec: "ovseg" is the one setup_env.sh registers
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    wrong = [str(p.relative_to(root)) for p in sorted([*root.glob("nbs/*.ipynb"), *root.glob("repro/*.ipynb")])
+             if json.loads(p.read_text())["metadata"].get("kernelspec", {}).get("name") != "ovseg"]
+    assert not wrong, f"kernelspec is not 'ovseg' in {wrong}"
