@@ -52,3 +52,22 @@ def test_encoder_pairs_parse_and_include_the_main_pair(profile):
     if profile == "embedded":   # the encoder table reuses the main stage's runs for these two
         random = pair_spec(pair_config(fc, f"random:{fc.visual}@{fc.visual_stride}|random:{fc.text}"))
         assert pair_spec(fc) in runs.pairs and random in runs.pairs
+
+
+def test_training_curves_are_plotted_from_stage_outputs():
+    # `dvc plots show` renders each training stage's loss: every top-level plot file is a run log under
+    # a stage's `runs` output, and every stage that saves runs has a loss plot
+    top = yaml.safe_load((ROOT / "dvc.yaml").read_text()).get("plots") or []
+    outs = {next(iter(o)) if isinstance(o, dict) else o: stage for stage, s in STAGES.items() for o in s.get("outs", [])}
+    plotted = set()
+    for entry in top:
+        (name, spec), = entry.items()
+        assert spec.get("x") == "step" and isinstance(spec.get("y"), dict), name
+        for path, field in spec["y"].items():
+            assert field == "loss" and path.endswith("/train_log.tsv"), (name, path)
+            run_dirs = [o for o in outs if path.startswith(o + "/") and o.endswith("/runs")]
+            assert run_dirs, f"{name}: {path} is not inside any stage's runs/ output"
+            plotted.add(outs[run_dirs[0]])
+    training = {stage for o, stage in outs.items() if o.endswith("/runs") and not stage.startswith("fusioner_")}
+    assert training <= plotted, f"training stages without a loss plot: {sorted(training - plotted)}"
+    assert "fusioner_pascal5i" in plotted
