@@ -194,6 +194,15 @@ def _check_names(class_names) -> list[str]:
 
 _TEXT_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # text encoder -> {pooling: OrderedDict}
 
+def _equal_runs(values: Sequence[int], size: int) -> list[tuple[int, int]]:
+    "(start, end) of runs of equal neighbours in sorted `values`, each at most `size` long."
+    out, i = [], 0
+    while i < len(values):
+        j = i + 1
+        while j < len(values) and j - i < size and values[j] == values[i]: j += 1
+        out.append((i, j)); i = j
+    return out
+
 @register_arch("ovsegmentor")
 class OVSegmentor(nn.Module):
     "GroupViT + frozen text encoder trained with contrast, masked entity completion and cross-image mask consistency."
@@ -241,12 +250,18 @@ class OVSegmentor(nn.Module):
 
     # --- text -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _features(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _features(self, texts: list[str], batch_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
         enc = self.text_encoder
-        for i in range(len(new)):      # one string at a time: features independent of batch padding (exact resumes)
-            chunk = new[i:i + 1]
-            tok = enc.tokenizer(chunk, padding=True, truncation=True, max_length=getattr(enc, "max_length", 77),
+        L = getattr(enc, "max_length", 77)
+        if batch_size > 1 and len(new) > 1:   # batch strings of equal token count only: no padding, same features
+            n_tok = [len(ids) for ids in enc.tokenizer(new, truncation=True, max_length=L)["input_ids"]]
+            new = [t for _, t in sorted(zip(n_tok, new), key=lambda p: p[0])]
+            n_tok = sorted(n_tok)
+            chunks = [new[i:j] for i, j in _equal_runs(n_tok, batch_size)]
+        else: chunks = [new[i:i + 1] for i in range(len(new))]   # one string at a time: independent of batch padding (exact resumes)
+        for chunk in chunks:
+            tok = enc.tokenizer(chunk, padding=True, truncation=True, max_length=L,
                                 return_tensors="pt").to(enc.device)
             h = enc.model(**tok).last_hidden_state.float()
             m = tok["attention_mask"].bool()
@@ -260,9 +275,10 @@ class OVSegmentor(nn.Module):
         while len(self._cache) > self.cache_size: self._cache.popitem(last=False)
         return out
 
-    def cache_text(self, texts: Sequence[str]) -> int:
-        "Encode `texts` into the shared cache now (e.g. every caption before training); returns the cache size."
-        self._features(list(dict.fromkeys(texts)))
+    def cache_text(self, texts: Sequence[str], batch_size: int = 64) -> int:
+        """Encode `texts` into the shared cache now (e.g. every caption before training), `batch_size` strings of
+        equal token count per forward (no padding: the features of one string at a time); returns the cache size."""
+        self._features(list(dict.fromkeys(texts)), batch_size)
         return len(self._cache)
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,6 +167,21 @@ def test_text_features_shared_between_models(world, text_encoder):
     assert c._cache is not a._cache
 
 
+def test_batched_text_cache_equals_one_at_a_time(world):
+    from ovseg.ovsegmentor import _equal_runs
+    assert _equal_runs([3, 3, 3, 5, 7, 7], 2) == [(0, 2), (2, 3), (3, 4), (4, 6)] and _equal_runs([], 4) == []
+    from ovseg.encoders import create_text_encoder
+    te = create_text_encoder("minilm")                       # its own cache
+    m = OVSegmentor(_cfg(world), text_encoder=te)
+    texts = [f"a photo of a {c}." for c in world.class_names[:5]] + ["two red circles and a blue ring", "x", "red circle"]
+    m.cache_text(texts, batch_size=4)
+    batched = {t: m._cache.pop(t) for t in texts}
+    m.cache_text(texts, batch_size=1)
+    for t in texts:
+        assert batched[t][0].shape == m._cache[t][0].shape                     # no padding tokens kept
+        assert torch.allclose(batched[t][0], m._cache[t][0], atol=1e-5) and torch.allclose(batched[t][1], m._cache[t][1], atol=1e-5)
+
+
 def test_bad_batches(world, text_encoder, data):
     model = _model(world, text_encoder, cmc_weight=0.1)
     batch = _batch(data, range(6))
