@@ -731,6 +731,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'ovseg.ovsegmentor._class_embeddings': ('ovsegmentor.html#_class_embeddings', 'ovseg/ovsegmentor.py'),
                                    'ovseg.ovsegmentor._collate': ('ovsegmentor.html#_collate', 'ovseg/ovsegmentor.py'),
                                    'ovseg.ovsegmentor._combine': ('ovsegmentor.html#_combine', 'ovseg/ovsegmentor.py'),
+                                   'ovseg.ovsegmentor._equal_runs': ('ovsegmentor.html#_equal_runs', 'ovseg/ovsegmentor.py'),
                                    'ovseg.ovsegmentor._norm_words': ('ovsegmentor.html#_norm_words', 'ovseg/ovsegmentor.py'),
                                    'ovseg.ovsegmentor._parts': ('ovsegmentor.html#_parts', 'ovseg/ovsegmentor.py'),
                                    'ovseg.ovsegmentor._random_resized_crop': ( 'ovsegmentor.html#_random_resized_crop',
