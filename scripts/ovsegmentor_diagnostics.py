@@ -22,19 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("OVSEG_PROGR
 import torch, torch.nn.functional as F
 
 
-def scene_classes(label: torch.Tensor) -> set[int]:
-    return set(label.unique().tolist()) - {0, 255}
-
-
 @torch.no_grad()
-def diagnose(model, names, val_x, val_y, held, cfg) -> dict:
+def diagnose(model, world, names, val_x, val_y, held, cfg) -> dict:
     from ovseg.metrics import SemanticMetric
-    from ovseg.ovsegmentor import choose_thresholds
+    from ovseg.ovsegmentor import _combine, choose_thresholds
     S, K, n_col = cfg.params.ovsegmentor, len(names), len(cfg.params.world.colours)
-    n_shape = len(cfg.params.world.shapes)
-    colour = lambda t: torch.where((t > 0) & (t < 255), (t - 1) // n_shape + 1, t)      # class ids are colour-major
-    shape = lambda c: (c - 1) % n_shape
-    chosen = choose_thresholds(model, held, S.bg_grid, S.topk_grid)
+    att = torch.tensor(world.attributes)                             # (classes, 3): colour, pattern, shape ids
+    colour = torch.full((256,), 255, dtype=torch.long)               # label -> colour label (background 0, ignore 255)
+    colour[0] = 0; colour[1:1 + len(att)] = 1 + att[:, 0]
+    chosen = choose_thresholds(model, held, S.bg_grid, S.topk_grid)  # writes top-k and bg_thresh into model.config
     model.eval()
     text = model.class_embeddings(names[1:])
     real, col, oracle, floor = SemanticMetric(K), SemanticMetric(n_col + 1), SemanticMetric(K), SemanticMetric(K)
@@ -42,23 +38,22 @@ def diagnose(model, names, val_x, val_y, held, cfg) -> dict:
     usage = torch.zeros(model.config.groups)
     for s in range(0, len(val_x), 100):
         x, y = val_x[s:s + 100], val_y[s:s + 100].long()
-        parts = model._parts(x, text)
+        parts = model._parts(x, text)                                 # one encoder pass serves every measure below
         g = parts["group"]
         G = parts["aff"].shape[1]
         counts = torch.einsum("bghw,bkhw->bgk", F.one_hot(g, G).permute(0, 3, 1, 2).float(),
                               F.one_hot(y.clamp(0, K - 1), K).permute(0, 3, 1, 2).float())
         oracle.update(torch.gather(counts.argmax(-1), 1, g.flatten(1)).view_as(g), y)
         usage += F.one_hot(g.flatten(), G).float().sum(0)
-        pred = model.predict(x, names).argmax(1)
-        real.update(pred, y); col.update(colour(pred), colour(y)); floor.update(torch.zeros_like(y), y)
-        top = parts["img"].topk(3, dim=1).indices + 1
+        pred = _combine(parts, model.config.topk, model.config.bg_thresh).clamp_min(1e-8).argmax(1)   # = model.predict(x, names)
+        real.update(pred, y); col.update(colour[pred], colour[y]); floor.update(torch.zeros_like(y), y)
+        top = parts["img"].topk(3, dim=1).indices                      # class ids (no background)
         for b in range(len(x)):
-            present, t = scene_classes(y[b]), set(top[b].tolist())
-            if not present: continue
-            recall["classes"].append(len(present & t) / len(present))
-            pc, tc = {int(colour(torch.tensor(c))) for c in present}, {int(colour(torch.tensor(c))) for c in t}
-            recall["colours"].append(len(pc & tc) / len(pc))
-            recall["shapes"].append(len({shape(c) for c in present} & {shape(c) for c in t}) / len({shape(c) for c in present}))
+            present = torch.tensor(sorted(set(y[b].unique().tolist()) - {0, 255})) - 1
+            if not len(present): continue
+            for key, a in (("classes", None), ("colours", 0), ("shapes", 2)):
+                p, t = (set(present.tolist()), set(top[b].tolist())) if a is None else (set(att[present, a].tolist()), set(att[top[b], a].tolist()))
+                recall[key].append(len(p & t) / len(p))
     pct = lambda m: round(100 * m.compute()["mIoU"], 2)
     return dict(mIoU=pct(real), all_background_mIoU=pct(floor), colour_mIoU=pct(col), group_oracle_mIoU=pct(oracle),
                 **{f"image_recall_{k}": round(100 * sum(v) / len(v), 1) for k, v in recall.items()},
@@ -115,7 +110,7 @@ def main():
                                                                              weight_decay_end=st.weight_decay_end)})
         tc = train_config(dataclasses.replace(cfg, params=dataclasses.replace(cfg.params, train=st)), device)
         train_stage(model, data, tc, a.out or tempfile.mkdtemp(prefix="ovs_diag_"), S.crop_scale)
-    res = diagnose(model, names, val_x, val_y, held, cfg)
+    res = diagnose(model, world, names, val_x, val_y, held, cfg)
     print(json.dumps({"setting": a.setting, "steps": a.steps, "lr": a.lr or S.stage1.lr, "backbone_lr": a.backbone_lr,
                       "image_size": model.config.image_size, "train_images": n_fit, "seed": a.seed,
                       "train_seconds": round(time.time() - t0, 1), **res}))
