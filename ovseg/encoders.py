@@ -5,7 +5,7 @@ here, so any visual encoder can be paired with any language encoder."""
 
 # %% ../nbs/05_encoders.ipynb #5c847068
 from __future__ import annotations
-import contextlib, hashlib, json, os, re, socket, warnings
+import contextlib, hashlib, json, os, re, socket, warnings, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,8 +21,8 @@ __all__ = ['FUSIONER_TEMPLATES', 'IMAGENET80_TEMPLATES', 'TEMPLATE_SETS', 'FUSIO
            'create_visual_encoder', 'create_text_encoder', 'create_clip', 'efficientnet_lite0_weights',
            'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir', 'TimmVisualEncoder', 'check_open_clip_dir',
            'load_open_clip', 'interpolate_pos_embed', 'OpenClipVisualEncoder', 'OpenClipTextEncoder',
-           'check_activation', 'save_open_clip_dir', 'encoders_from_config', 'create_from_config', 'pca_rgb',
-           'describe_encoder', 'pca_figure']
+           'openai_weights_evidence', 'resolve_activation', 'check_activation', 'save_open_clip_dir',
+           'encoders_from_config', 'create_from_config', 'pca_rgb', 'describe_encoder', 'pca_figure']
 
 # %% ../nbs/05_encoders.ipynb #087bc690
 @dataclass
@@ -583,9 +583,9 @@ def load_open_clip(ident: str, pretrained: str | None = None, random_init: bool 
     accident), or, with `random_init`, seeded random weights. Returns (model in eval mode, its parameters
     frozen unless `frozen=False`, tokenizer, preprocessing config, label)."""
     import open_clip
-    hint = ("download the checkpoint once and pass pretrained='/path/to/open_clip_pytorch_model.bin' "
-            "(create_visual_encoder('open_clip:NAME', pretrained=PATH)), or use a directory with "
-            "open_clip_config.json + open_clip_model.safetensors as 'open_clip:<dir>'")
+    hint = ("download the weights file once while online (docs/weights.md says which) and pass its local path "
+            "as pretrained=PATH, or use a folder with open_clip_config.json + open_clip_model.safetensors as "
+            "'open_clip:<dir>'")
     is_dir = _is_path(ident) and Path(ident).is_dir()
     if is_dir:
         _, dir_weights = check_open_clip_dir(ident, need_weights=not (random_init or pretrained))
@@ -598,7 +598,11 @@ def load_open_clip(ident: str, pretrained: str | None = None, random_init: bool 
         raise ValueError(f"unknown open_clip model {ident!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                          + f" (open_clip.list_models() lists all {len(open_clip.list_models())})")
     else: name = ident
-    if not (is_dir or random_init) and pretrained: check_activation(name, str(pretrained), kw)   # before any download
+    if pretrained and not random_init:   # the OpenAI/QuickGELU rule, before any download
+        dir_cfg = json.loads((Path(ident) / "open_clip_config.json").read_text())["model_cfg"] if is_dir else None
+        resolved, kw, note = resolve_activation(name, pretrained, kw, dir_cfg)
+        if note: log.info(note)
+        if not is_dir: name = resolved
     with _hub_guard(f"open_clip:{ident} ({pretrained})", hint):
         if random_init:
             with _seeded(seed): model = open_clip.create_model(name, pretrained=None, load_weights=False, **kw)
@@ -720,23 +724,71 @@ def _embedded_clip(ident="", tower="both", weights=None, **kw):
     return _open_clip(str(d), tower=tower, **kw)
 
 # %% ../nbs/05_encoders.ipynb #10af7e6f
-def check_activation(name: str, pretrained: str, options: dict | None = None):
-    """Refuse to put the weights of open_clip tag `pretrained` into model `name` when their activations
-    differ: OpenAI's CLIPs were trained with QuickGELU, and open_clip loads them into a GELU
-    'ViT-L-14' with only a warning (the features then silently drift). A checkpoint file or a model
-    open_clip does not know is not checked."""
+def openai_weights_evidence(path: str | os.PathLike) -> str | None:
+    """Why the local weights file `path` is one of OpenAI's CLIPs (trained with QuickGELU), or None when
+    nothing says so: its name or a folder above it names OpenAI (the hub copies
+    `timm/vit_base_patch16_clip_224.openai`, a file saved as `ViT-B-16.openai.safetensors`), or it is a
+    TorchScript archive, the form in which OpenAI released them (`ViT-B-16.pt`)."""
+    p = Path(path)
+    for part in p.parts[-4:]:
+        if "openai" in part.lower(): return f"its path names OpenAI ({part!r})"
+    try:
+        if p.is_file() and zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
+                    return "it is a TorchScript archive, the form OpenAI released its CLIPs in"
+    except (OSError, zipfile.BadZipFile): pass
+    return None
+
+def _act(q: bool) -> str: return "QuickGELU" if q else "GELU"
+
+def resolve_activation(name: str, pretrained: str | os.PathLike | None, options: dict | None = None,
+                       model_cfg: dict | None = None) -> tuple[str, dict, str]:
+    """The one rule for OpenAI-trained CLIPs, applied wherever ovseg builds a CLIP (`load_open_clip`).
+    OpenAI's CLIPs were trained with QuickGELU; open_clip's plain configs (`ViT-B-16`) use GELU and load
+    those weights with only a warning, after which every feature is silently wrong. When the weights are
+    OpenAI's (the tag says so, or `openai_weights_evidence` finds it in a local file) and the model is a
+    GELU config, the QuickGELU variant is built instead (`ViT-B-16` -> `ViT-B-16-quickgelu`, or
+    `force_quick_gelu=True` where open_clip has no such name), as open_clip recommends. A mismatch the
+    user asked for explicitly (`force_quick_gelu=False`, a `-quickgelu` model with GELU-trained weights,
+    an open_clip folder whose config says GELU) is an `EncoderWeightsError`. Returns (model name,
+    open_clip options, a note saying what changed or '')."""
     import open_clip
-    tag, cfg = open_clip.get_pretrained_cfg(name, pretrained), open_clip.get_model_config(name)
-    if not tag or cfg is None: return
-    model_q = bool((options or {}).get("force_quick_gelu")) or bool(cfg.get("quick_gelu", False))
-    tag_q = bool(tag.get("quick_gelu", False))
-    if model_q == tag_q: return
-    act = lambda q: "QuickGELU" if q else "GELU"
-    other = f"{name}-quickgelu" if tag_q else name.removesuffix("-quickgelu")
-    fix = f"open_clip:{other}" if other in open_clip.list_models() else \
-        ("force_quick_gelu=True" if tag_q else "a model without QuickGELU")
-    raise EncoderWeightsError(f"open_clip:{name} uses {act(model_q)}, but the '{pretrained}' weights were trained with "
-                              f"{act(tag_q)}; the features would be wrong. Use {fix}")
+    opts = dict(options or {})
+    cfg = model_cfg if model_cfg is not None else open_clip.get_model_config(name)
+    if cfg is None or pretrained is None: return name, opts, ""
+    forced = opts.get("force_quick_gelu")
+    model_q = bool(forced) or bool(cfg.get("quick_gelu", False))
+    if _is_path(pretrained):
+        why = openai_weights_evidence(pretrained)
+        weights_q = True if why else None
+        what = f"the weights file {pretrained}"
+    else:
+        base = name.removesuffix("-quickgelu")
+        tag = open_clip.get_pretrained_cfg(name, str(pretrained)) or open_clip.get_pretrained_cfg(base, str(pretrained))
+        weights_q = bool(tag.get("quick_gelu", False)) if tag else None
+        why, what = f"open_clip's '{pretrained}' tag says so", f"the '{pretrained}' weights"
+    if weights_q is None or weights_q == model_q: return name, opts, ""
+    if weights_q and forced is False:
+        raise EncoderWeightsError(f"{what} are OpenAI's ({why}) and were trained with QuickGELU, but "
+                                  f"force_quick_gelu=False asks for GELU; the features would be wrong. Drop that option")
+    if weights_q and model_cfg is not None:
+        raise EncoderWeightsError(f"{what} are OpenAI's ({why}) and were trained with QuickGELU, but the folder's "
+                                  "open_clip_config.json builds GELU; set \"quick_gelu\": true in its model_cfg")
+    if weights_q:
+        q = f"{name}-quickgelu"
+        if q in open_clip.list_models():
+            return q, opts, f"{what} are OpenAI's ({why}): building {q} (QuickGELU) instead of {name}"
+        opts["force_quick_gelu"] = True
+        return name, opts, f"{what} are OpenAI's ({why}): building {name} with QuickGELU"
+    raise EncoderWeightsError(f"open_clip:{name} uses QuickGELU, but {what} were trained with GELU; the features would "
+                              f"be wrong. Use open_clip:{name.removesuffix('-quickgelu')}"
+                              + (" without force_quick_gelu" if forced else ""))
+
+def check_activation(name: str, pretrained: str, options: dict | None = None):
+    "Raise `EncoderWeightsError` when `resolve_activation` cannot reconcile model `name` with `pretrained`."
+    resolve_activation(name, pretrained, options)
+
 
 # %% ../nbs/05_encoders.ipynb #38b09445
 def save_open_clip_dir(model, directory: str | os.PathLike, model_cfg: dict, preprocess_cfg: dict | None = None) -> Path:

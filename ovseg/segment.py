@@ -19,44 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import CorruptFileError, ImageError, image_to_tensor, read_image
+from .encoders import _is_path
 
 # %% auto #0
-__all__ = ['SegmentError', 'parse_classes', 'available_models', 'load_model', 'working_size', 'sliding_logits', 'SegmentResult',
-           'label_dtype', 'segment', 'palette', 'label_png', 'overlay', 'output_paths', 'output_names', 'save_result']
+__all__ = ['available_models', 'resolve_device', 'load_model', 'working_size', 'sliding_logits', 'SegmentResult', 'label_dtype',
+           'segment', 'palette', 'label_png', 'overlay', 'output_paths', 'output_names', 'save_result']
 
 # %% ../nbs/14_segment.ipynb #a39e86c1
-class SegmentError(ValueError):
-    "A problem with the user's input (image, class list or model spec); the message says what to do."
-
-# %% ../nbs/14_segment.ipynb #b82c984b
-def parse_classes(classes: str | Sequence[str], duplicates: str = "merge") -> list[str]:
-    """Clean a class list: comma-separated string or list; blanks rejected; duplicates (ignoring case)
-    merged with a warning, or with `duplicates="error"` refused (a label file's index <-> name mapping
-    must never shift)."""
-    if classes is None: raise SegmentError("no class names given; pass e.g. classes='cat, sofa, wall'")
-    if isinstance(classes, str): items = re.split(r"[,;\n]", classes)
-    else:
-        items = []
-        for c in classes:
-            if not isinstance(c, str): raise SegmentError(f"class names must be strings, got {c!r}")
-            items.append(c)
-    if not items or all(not s.strip() for s in items) and len(items) <= 1:
-        raise SegmentError("the class list is empty; pass at least one class name, e.g. 'cat, sofa, wall'")
-    names, seen, dups = [], {}, []
-    for i, s in enumerate(items):
-        s = " ".join(s.split())
-        if not s: raise SegmentError(f"class name #{i + 1} is blank in {list(items)!r}; remove it or give it a name")
-        key = s.casefold()
-        if key in seen: dups.append(s); continue
-        seen[key] = s; names.append(s)
-    if dups and duplicates == "error":
-        raise SegmentError(f"duplicate class name(s) {', '.join(repr(d) for d in dups)} in {list(items)!r}: label "
-                           "indices follow the class list, so each name must appear once; rename or remove them")
-    if dups:
-        warnings.warn(
-f"duplicate class names merged: {', '.join(repr(d) for d in dups)}; using {names}",
-                      UserWarning, stacklevel=2)
-    return names
+from .inputs import SegmentError, parse_classes, check_model_spec, regular_file   # checked before torch loads
 
 # %% ../nbs/14_segment.ipynb #e4ed9d6a
 _MODEL_CACHE: dict[tuple, nn.Module] = {}
@@ -75,46 +45,48 @@ def _load_checkpoint_dir(p: Path, allow_encoder_mismatch: bool = False) -> nn.Mo
     from ovseg.train import from_pretrained     # imports the module that registers the saved arch
     return from_pretrained(p, allow_encoder_mismatch=allow_encoder_mismatch)
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`; an unavailable device is a `SegmentError`."
+    d = "auto" if device is None else str(device)
+    if d == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try: dev = torch.device(d)
+    except (RuntimeError, ValueError): raise SegmentError(f"unknown device {d!r}: use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"): raise SegmentError(f"device {d!r} is not supported: use auto, cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SegmentError(f"device {d!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; use "
+                           "--device cpu (Python: device='cpu') or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SegmentError(f"device {d!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
 def load_model(spec: Any = None, pretrained: str | None = None, allow_encoder_mismatch: bool = False,
-               clip_arch: str = "denseclip", **options) -> nn.Module:
-    """Resolve a model spec (module, checkpoint dir, open_clip dir or name) to a module with `predict`.
-    A checkpoint whose frozen encoders now have other weights is refused unless `allow_encoder_mismatch`.
-    A bare CLIP becomes the registered arch `clip_arch` with settings `options` (dense CLIP: residual, mlp)."""
+               clip_arch: str = "denseclip", device: str | torch.device | None = "cpu", **options) -> nn.Module:
+    """Resolve a model spec (module, checkpoint dir, open_clip dir or name) to a module with `predict`,
+    in eval mode on `device` (`resolve_device`). A checkpoint whose frozen encoders now have other
+    weights is refused unless `allow_encoder_mismatch`. A bare CLIP becomes the registered arch
+    `clip_arch` with settings `options` (dense CLIP: residual, mlp); OpenAI weights build the QuickGELU
+    variant of the named model (`ovseg.encoders.resolve_activation`)."""
     if isinstance(spec, nn.Module) or (spec is not None and hasattr(spec, "predict") and not isinstance(spec, (str, os.PathLike))):
         if not hasattr(spec, "predict"): raise SegmentError(f"{type(spec).__name__} has no predict(images01, class_names)")
         return spec
     if spec is None: raise SegmentError("no model given; pass model=<checkpoint dir | open_clip name | open_clip dir>")
-    key = (str(spec), pretrained, allow_encoder_mismatch, clip_arch, tuple(sorted(options.items())))
+    dev = resolve_device(device)
+    key = (str(spec), pretrained, allow_encoder_mismatch, clip_arch, str(dev), tuple(sorted(options.items())))
     if key in _MODEL_CACHE: return _MODEL_CACHE[key]
     from ovseg.train import build_model     # the arch registry, as for checkpoints
     import open_clip
     s = str(spec)
     name = s[len("open_clip:"):] if s.startswith("open_clip:") else s
     p = Path(name).expanduser()
-    if p.is_dir() and pretrained:
-        raise SegmentError(f"pretrained={pretrained!r} is only for open_clip model names: the folder {p} carries its "
-                           "own weights; drop --pretrained / pretrained=")
-    if p.is_dir() and (p / "config.json").exists() and not s.startswith("open_clip:"):
+    kind = check_model_spec(s, pretrained)        # one clear error for a file, an empty folder, an unknown name
+    if kind == "checkpoint":
         model = _load_checkpoint_dir(p, allow_encoder_mismatch)
-    elif p.is_dir() and (p / "open_clip_config.json").exists():
+    elif kind == "open_clip_dir":
         model = build_model(clip_arch, dict(options, clip=str(p)), f"model={s!r}")
-    elif name in open_clip.list_models():
-        if not pretrained:
-            raise SegmentError(f"open_clip model {name!r} needs pretrained weights: pass pretrained=<tag> (e.g. "
-                               f"'openai'; tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}) "
-                               "or a local checkpoint path; random weights give meaningless labels")
-        model = build_model(clip_arch, dict(options, clip=name, pretrained=pretrained), f"model={s!r}")
     else:
-        avail = available_models()
-        close = difflib.get_close_matches(name, avail, n=3)
-        what = (f"the folder {p} has neither config.json nor open_clip_config.json" if p.is_dir() else
-                f"model folder {p} not found" if any(c in name for c in "/\\") else f"unknown model {s!r}")
-        raise SegmentError(what + (f" (did you mean {', '.join(close)}?)" if close else "")
-                           + ". Pass a checkpoint directory (config.json + model.safetensors), an open_clip "
-                           f"directory (open_clip_config.json) or an open_clip model name "
-                           f"(ovseg.segment.available_models() lists all {len(avail)})")
-
-    model.eval()
+        if _is_path(pretrained): regular_file(pretrained, "weights file")
+        model = build_model(clip_arch, dict(options, clip=name, pretrained=pretrained), f"model={s!r}")
+    model.eval().to(dev)
     if len(_MODEL_CACHE) >= 2: _MODEL_CACHE.clear()
     _MODEL_CACHE[key] = model
     return model
@@ -136,7 +108,7 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, class_names: Sequence[
     "Window-averaged logits `(K, h, w)` for one image `(3, h, w)`; returns (logits, number of windows)."
     _, h, w = image.shape
     names = list(class_names)
-    logits = predict_windows(model, image.cpu(), names, window, stride, probs=False)
+    logits = predict_windows(model, image, names, window, stride, probs=False)
     return logits, len(window_starts(h, window, stride)) * len(window_starts(w, window, stride))
 
 # %% ../nbs/14_segment.ipynb #db3e00f7
@@ -180,27 +152,47 @@ def _label_stripes(logits: torch.Tensor, size: tuple[int, int], background_thres
     H, W = size
     K, h, w = logits.shape
     dt = label_dtype(K + (background_threshold is not None))
-    if (h, w) == (H, W): return _decide(logits, background_threshold).numpy().astype(dt)
+    if (h, w) == (H, W): return _decide(logits, background_threshold).cpu().numpy().astype(dt)
     if H * W * K <= max_elems:
         up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        return _decide(up, background_threshold).numpy().astype(dt)
+        return _decide(up, background_threshold).cpu().numpy().astype(dt)
     out = np.empty((H, W), dtype=dt)
     # the same sampling positions as F.interpolate(bilinear, align_corners=False), stripe by stripe
-    xs = ((torch.arange(W, dtype=torch.float32) + 0.5) * w / W - 0.5).clamp(0, w - 1)
+    xs = ((torch.arange(W, dtype=torch.float32, device=logits.device) + 0.5) * w / W - 0.5).clamp(0, w - 1)
     gx = xs / max(w - 1, 1) * 2 - 1
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
-        ys = ((torch.arange(y0, y1, dtype=torch.float32) + 0.5) * h / H - 0.5).clamp(0, h - 1)
+        ys = ((torch.arange(y0, y1, dtype=torch.float32, device=logits.device) + 0.5) * h / H - 0.5).clamp(0, h - 1)
         gy = ys / max(h - 1, 1) * 2 - 1
         grid = torch.stack([gx.expand(len(gy), W), gy[:, None].expand(len(gy), W)], -1)[None]
         st = F.grid_sample(logits[None], grid, mode="bilinear", align_corners=True)[0]
-        out[y0:y1] = _decide(st, background_threshold).numpy()
+        out[y0:y1] = _decide(st, background_threshold).cpu().numpy()
     return out
 
 def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrained: str | None = None,
             background_threshold: float | None = None, window: int = 448, stride: int = 224,
-            short_side: int | None = 448, keep_image: bool = True) -> SegmentResult:
-    "Segment `image` into `classes` with `model` (checkpoint dir, open_clip name/dir, or module)."
+            short_side: int | None = 448, keep_image: bool = True, device: str | torch.device | None = "auto",
+            ) -> SegmentResult:
+    """Segment `image` into `classes` with `model`; returns a `SegmentResult` (label map at the image's size).
+
+    image: a file path, PIL image, NumPy array (H, W[, C]) or tensor (C, H, W) in [0, 1]; EXIF orientation
+        is applied and grey, RGBA, palette, 16-bit and float images are converted (`ovseg.data.read_image`).
+    classes: the class names, as a list or one comma-separated string (`"cat, sofa, wall"`).
+    model: a trained checkpoint folder (`config.json` + `model.safetensors`), an open_clip folder
+        (`open_clip_config.json`), an open_clip model name such as `"ViT-B-16"` (training-free dense CLIP;
+        needs `pretrained`), or any module with `predict(images01, class_names)`.
+    pretrained: for an open_clip name only: a tag (`"openai"`) or a local weights file. OpenAI weights
+        build the QuickGELU variant (`ViT-B-16` -> `ViT-B-16-quickgelu`), whichever way they are given.
+    background_threshold: pixels whose best class probability is below it become `"background"`
+        (class 0, the others shift by one); None labels every pixel with a given class. Softmax
+        probabilities over K classes are at least 1/K, so choose it above that (e.g. 0.5 for 3 classes)
+        and tune it on a few of your own images.
+    window, stride: sliding-window size and step in pixels at the working resolution (448 / 224).
+    short_side: images whose short side is longer are downscaled to it for prediction (None: never);
+        the label map is always returned at the image's own size.
+    keep_image: keep the RGB input in the result (for `overlay`); False saves memory in batch runs.
+    device: `"auto"` (CUDA when available), `"cpu"`, `"cuda"` or `"cuda:N"`; the model runs there.
+    """
     names = parse_classes(classes)
     if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
         raise SegmentError(f"background_threshold must be in [0, 1], got {background_threshold}")
@@ -208,13 +200,17 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
         raise SegmentError("'background' is both a class name and the threshold class; drop one of them")
     if window <= 0 or stride <= 0 or stride > window:
         raise SegmentError(f"need 0 < stride <= window, got window={window}, stride={stride}")
-    m = load_model(model, pretrained)
+    if isinstance(model, nn.Module) and device in (None, "auto"):
+        dev = next((t.device for t in model.parameters()), torch.device("cpu"))   # a module stays where it is
+    else: dev = resolve_device(device)
+    m = load_model(model, pretrained, device=dev)
+    if isinstance(m, nn.Module): m.to(dev)
     try: img = read_image(image)
     except (ImageError, CorruptFileError) as e: raise SegmentError(str(e)) from None
     W, H = img.size
     h, w = working_size((H, W), short_side)
     work = img if (h, w) == (H, W) else img.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
-    x = image_to_tensor(work)
+    x = image_to_tensor(work).to(dev)
     logits, nwin = sliding_logits(m, x, names, window, stride)
     label = _label_stripes(logits, (H, W), background_threshold)
     probs = logits.softmax(0)
@@ -224,7 +220,9 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
         bg = (mx < background_threshold).float()
         probs = torch.cat([bg[None], probs * (1 - bg)[None]], 0)
         out_classes = ["background"] + out_classes
-    return SegmentResult(label=label, probs=probs, classes=out_classes, image=img if keep_image else None, windows=nwin)
+    return SegmentResult(label=label, probs=probs.cpu(), classes=out_classes, image=img if keep_image else None,
+                         windows=nwin)
+
 
 # %% ../nbs/14_segment.ipynb #18e661a8
 _BASE_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -300,13 +298,21 @@ def output_names(files: Sequence[str | os.PathLike]) -> dict[Path, str]:
     return names
 
 def save_result(result: SegmentResult, out_dir: str | os.PathLike, stem: str, image: Image.Image | None = None) -> dict:
-    "Write label PNG, overlay PNG and areas JSON for one result; returns the paths."
+    """Write label PNG, overlay PNG and areas JSON for one result; returns the paths. All three or none:
+    each is written to a hidden temporary file first and renamed into place only when all three are
+    complete, so a full disk or a kill never leaves half a result (the error names the file)."""
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     bgd = bool(result.classes) and result.classes[0] == "background"
     paths = output_paths(out, stem)
-
-    label_png(result.label, len(result.classes), bgd).save(paths["label"])
-    overlay(result, image).save(paths["overlay"])
-    paths["areas"].write_text(json.dumps({"classes": result.classes, "size": list(result.size),
-                                          "areas": result.areas()}, indent=2))
+    tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in paths.items()}
+    try:
+        label_png(result.label, len(result.classes), bgd).save(tmp["label"], format="PNG")
+        overlay(result, image).save(tmp["overlay"], format="PNG")
+        tmp["areas"].write_text(json.dumps({"classes": result.classes, "size": list(result.size),
+                                            "areas": result.areas()}, indent=2))
+        for k in paths: os.replace(tmp[k], paths[k])
+    except OSError as e:
+        for t in tmp.values(): t.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write the result for {stem} into {out} ({e.strerror or e}); nothing of it "
+                      "was kept: free some space or choose another --out") from None
     return {k: str(v) for k, v in paths.items()}
