@@ -34,6 +34,10 @@ import sys as _sys, types as _types
 class _CallableModule(_types.ModuleType):
     "`ovseg.segment` is a module and its main function at once: `ovseg.segment(image, classes)` calls `segment`."
     def __call__(self, *args, **kwargs): return self.segment(*args, **kwargs)
+    @property
+    def __signature__(self):    # inspect.signature / Jupyter's Shift-Tab show segment's real parameters
+        import inspect
+        return inspect.signature(self.segment)
 
 class _Package(_types.ModuleType):
     # The import system sets `ovseg.segment` to the submodule whenever it is first imported (by

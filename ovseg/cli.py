@@ -105,15 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'shorten', 'cli_words', 'scan_folder', 'main']
+__all__ = ['IMAGE_EXTS', 'cli_words', 'scan_folder', 'main']
 
 # %% ../nbs/15_cli.ipynb #c7618f12
-def shorten(text: str, limit: int = 1200) -> str:
-    "`text` cut to at most `limit` characters at a word boundary, with an ellipsis; never mid-word."
-    text = str(text)
-    if len(text) <= limit: return text
-    cut = text[:limit].rsplit(None, 1)[0] if " " in text[:limit] else text[:limit]
-    return cut.rstrip(",;:") + " …"
+from .inputs import shorten      # messages are cut between words, never inside one
 
 _PY_ARG = re.compile(r"\b(pretrained|model|device|background_threshold)=(<[^>]*>|'[^']*'|\"[^\"]*\"|[^\s,;)]+)")
 

@@ -5,7 +5,8 @@ here, so any visual encoder can be paired with any language encoder."""
 
 # %% ../nbs/05_encoders.ipynb #5c847068
 from __future__ import annotations
-import contextlib, hashlib, json, os, re, socket, warnings, zipfile
+import contextlib, hashlib, json, logging, os, re, socket, warnings, zipfile
+from .inputs import shorten
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -328,7 +329,7 @@ def _hub_guard(what: str, hint: str):
                 or any(w in msg for w in _NET_WORDS)):
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
             raise EncoderWeightsError(f"could not load pretrained weights for {what}{offline}: "
-                                      f"{type(e).__name__}: {str(e)[:300]}\nTo use local weights instead: {hint}") from e
+                                      f"{type(e).__name__}: {shorten(str(e), 300)}\nTo use local weights instead: {hint}") from e
         raise
     finally: socket.setdefaulttimeout(old)
 
@@ -601,8 +602,18 @@ def load_open_clip(ident: str, pretrained: str | None = None, random_init: bool 
     if pretrained and not random_init:   # the OpenAI/QuickGELU rule, before any download
         dir_cfg = json.loads((Path(ident) / "open_clip_config.json").read_text())["model_cfg"] if is_dir else None
         resolved, kw, note = resolve_activation(name, pretrained, kw, dir_cfg)
-        if note: log.info(note)
+        if note: logging.getLogger("ovseg").info(note)
         if not is_dir: name = resolved
+        if _is_path(pretrained):
+            from ovseg.inputs import file_problem
+            problem = file_problem(pretrained, "weights file")
+            if problem: raise EncoderWeightsError(problem + "; pass the path of a downloaded CLIP checkpoint "
+                                                  "(docs/weights.md lists them)")
+            if not note and not kw.get("force_quick_gelu") and not name.endswith("-quickgelu") \
+                    and f"{name}-quickgelu" in open_clip.list_models():
+                warnings.warn(f"nothing says whether {pretrained} holds OpenAI's weights (trained with QuickGELU) or "
+                              f"another GELU-trained CLIP: building {name} with GELU. If they are OpenAI's, use model "
+                              f"{name}-quickgelu (or keep 'openai' in the file or folder name)", UserWarning, stacklevel=2)
     with _hub_guard(f"open_clip:{ident} ({pretrained})", hint):
         if random_init:
             with _seeded(seed): model = open_clip.create_model(name, pretrained=None, load_weights=False, **kw)
@@ -621,7 +632,14 @@ def load_open_clip(ident: str, pretrained: str | None = None, random_init: bool 
             if pretrained is None:
                 raise EncoderWeightsError(f"open_clip:{ident} needs pretrained=<tag or checkpoint file> "
                                           f"(tags: open_clip.list_pretrained_tags_by_model('{ident}')), or random:open_clip:{ident}")
-            model = open_clip.create_model(name, pretrained=str(pretrained), **kw)
+            if _is_path(pretrained):          # a local file: anything unreadable is one error naming it
+                try: model = open_clip.create_model(name, pretrained=str(pretrained), **kw)
+                except Exception as e:
+                    raise EncoderWeightsError(f"cannot load {pretrained} as open_clip {name} weights "
+                                              f"({type(e).__name__}: {shorten(str(e), 200)}); it must be a safetensors file or a "
+                                              "PyTorch state dict of that architecture (pickled objects are never "
+                                              "unpickled)") from None
+            else: model = open_clip.create_model(name, pretrained=str(pretrained), **kw)
     tokenizer = open_clip.get_tokenizer(name)
     pp = open_clip.get_model_preprocess_cfg(model)
     label = f"open_clip:{Path(ident).name if is_dir else ident}" + ("" if is_dir or random_init else f"/{Path(str(pretrained)).name}")

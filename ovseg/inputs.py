@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'SegmentError', 'parse_classes', 'file_problem', 'regular_file', 'open_clip_names', 'saved_models',
-           'check_model_spec']
+__all__ = ['DEFAULT_MODEL', 'SegmentError', 'shorten', 'parse_classes', 'file_problem', 'regular_file', 'open_clip_names',
+           'saved_models', 'check_model_spec']
 
 # %% ../nbs/01a_inputs.ipynb #e38f25f2
 class SegmentError(ValueError):
     "A problem with the user's input (image, class list or model spec); the message says what to do."
+
+def shorten(text: str, limit: int = 1200) -> str:
+    "`text` cut to at most `limit` characters at a word boundary, with an ellipsis; never mid-word."
+    text = str(text)
+    if len(text) <= limit: return text
+    cut = text[:limit].rsplit(None, 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(",;:") + " …"
 
 # %% ../nbs/01a_inputs.ipynb #46e196b1
 def parse_classes(classes: str | Sequence[str], duplicates: str = "merge") -> list[str]:

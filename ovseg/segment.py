@@ -187,7 +187,8 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
         (class 0, the others shift by one); None labels every pixel with a given class. Softmax
         probabilities over K classes are at least 1/K, so choose it above that (e.g. 0.5 for 3 classes)
         and tune it on a few of your own images.
-    window, stride: sliding-window size and step in pixels at the working resolution (448 / 224).
+    window: sliding-window size in pixels at the working resolution (448, the MaskCLIP protocol).
+    stride: step between windows in pixels (224); overlapping windows' logits are averaged.
     short_side: images whose short side is longer are downscaled to it for prediction (None: never);
         the label map is always returned at the image's own size.
     keep_image: keep the RGB input in the result (for `overlay`); False saves memory in batch runs.

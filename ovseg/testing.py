@@ -8,6 +8,7 @@ open_clip architecture. Nothing in a method module depends on them."""
 from __future__ import annotations
 import copy, dataclasses, os, zlib
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from .train import register_arch
 
 # %% auto #0
 __all__ = ['TINY_CLIP_CFG', 'RandomVisual', 'HashText', 'ToyConfig', 'ToyModel', 'ToyData', 'tiny_clip_cfg', 'tiny_clip',
-           'tiny_clip_dir']
+           'tiny_clip_dir', 'write_paper_weights', 'shared_data']
 
 # %% ../nbs/90_testing.ipynb #93a65b7b
 class RandomVisual(VisualEncoder):
@@ -104,3 +105,74 @@ def tiny_clip(seed: int = 0, **vision) -> nn.Module:
 def tiny_clip_dir(directory: str | os.PathLike, seed: int = 0, **vision) -> Path:
     "`tiny_clip(seed, **vision)` saved as an open_clip directory (the embedded CLIP's format); returns it."
     return save_open_clip_dir(tiny_clip(seed, **vision), directory, tiny_clip_cfg(**vision))
+
+# %% ../nbs/90_testing.ipynb #155453f9
+def _save_clip_file(name: str, path: Path, seed: int) -> Path:
+    import open_clip
+    from safetensors.torch import save_file
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = open_clip.create_model(name, pretrained=None, load_weights=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
+
+def write_paper_weights(directory: str | os.PathLike, specs: Sequence[str] | None = None, seed: int = 0) -> dict[str, str]:
+    """Random-weight files of the real architectures the `paper` profile names, in the layouts a user
+    downloads (what docs/weights.md lists): open_clip CLIPs as `<Model>.openai/open_clip_model.safetensors`
+    (fp16, as the hub copies; the folder name says OpenAI, so the QuickGELU rule applies), timm ViTs and
+    CNNs as `.safetensors`, MoCo v3 as its official `.pth.tar` layout (`module.base_encoder.` keys), BERT as a
+    `save_pretrained` folder (with the uncased WordPiece vocabulary of the packaged MiniLM). Returns
+    {spec: path}, the shape of `encoders.weights` in params.yaml. They stand in for the downloads in tests:
+    the loading code is the real one, only the numbers are random."""
+    import timm
+    from safetensors.torch import save_file
+    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    want = list(specs or ["open_clip:ViT-B-16-quickgelu", "open_clip:ViT-L-14-quickgelu", "dino-vitb16", "bert-base",
+                          "mocov3-vitb", "timm-features:resnet101d"])
+    out = {}
+    for spec in want:
+        if spec.startswith("open_clip:"):
+            name = spec[len("open_clip:"):]
+            base = name.removesuffix("-quickgelu")
+            p = d / f"{base}.openai" / "open_clip_model.safetensors"
+            out[spec] = str(p if p.exists() else _save_clip_file(name, p, seed))
+        elif spec in ("dino-vitb16", "mocov3-vitb") or spec.startswith("timm-features:"):
+            tname = {"dino-vitb16": "vit_base_patch16_224.dino", "mocov3-vitb": "vit_base_patch16_224"}.get(spec) \
+                or spec.split(":", 1)[1]
+            suffix = ".pth.tar" if spec == "mocov3-vitb" else ".safetensors"
+            p = d / (spec.replace(":", "_") + suffix)
+            if not p.exists():
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    m = timm.create_model(tname, pretrained=False)
+                sd = {k: v.detach().contiguous() for k, v in m.state_dict().items()}
+                if spec == "mocov3-vitb":      # the official checkpoint: {"state_dict": {"module.base_encoder.<timm key>": ...}}
+                    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in sd.items()}}, p)
+                else: save_file(sd, str(p))
+            out[spec] = str(p)
+        elif spec == "bert-base":
+            p = d / "bert-base-uncased"
+            if not (p / "config.json").exists():
+                from transformers import BertConfig, BertModel, BertTokenizerFast
+                from ovseg.encoders import minilm_dir
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    BertModel(BertConfig()).save_pretrained(p)          # BERT-base: 12 x 768, vocabulary 30522
+                BertTokenizerFast(vocab_file=str(minilm_dir() / "vocab.txt"), do_lower_case=True).save_pretrained(p)
+            out[spec] = str(p)
+        else: raise ValueError(f"write_paper_weights knows no file layout for {spec!r}")
+    return out
+
+# %% ../nbs/90_testing.ipynb #abc9ceaa
+def shared_data(*parts: str) -> Path | None:
+    """The real data of `../shared/data` (CamVid, Flickr8k; read in place, never copied into the repository):
+    `$OVSEG_SHARED_DATA`, else the `shared/data` folder beside this checkout or any folder above it; None when
+    there is none (tests that need it are then skipped with that reason)."""
+    env = os.environ.get("OVSEG_SHARED_DATA")
+    cands = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    cands += [p / "shared" / "data" for p in here.parents] + [Path.cwd().resolve().parent / "shared" / "data"]
+    for c in cands:
+        if c.is_dir(): return c.joinpath(*parts)
+    return None

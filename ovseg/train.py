@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from safetensors.torch import save_file, load_file
+from .inputs import shorten
 
 from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_device,
                         pick_dtype, progress, from_dict)
@@ -255,7 +256,7 @@ def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", all
         raise CheckpointError(f"{d}/config.json describes no valid {cls.__name__}: {type(e).__name__}: {e}") from None
     try: missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"{d}/model.safetensors does not fit the model in config.json: {str(e)[:300]}") from None
+        raise CheckpointError(f"{d}/model.safetensors does not fit the model in config.json: {shorten(str(e), 300)}") from None
 
     skip = tuple(getattr(model, "frozen_prefixes", ()))
     missing = [k for k in missing if not (skip and k.startswith(skip))]
@@ -341,7 +342,7 @@ def load_checkpoint(directory, model, opt, expect: dict | None = None) -> dict |
             continue
         try: meta, sd, ot, rt = _read_checkpoint(d)
         except Exception as e:
-            errors.append(f"{d}: {type(e).__name__}: {str(e)[:200]}"); continue
+            errors.append(f"{d}: {type(e).__name__}: {shorten(str(e), 200)}"); continue
         if errors:
             import warnings
             warnings.warn(f"the latest checkpoint is unreadable ({errors[0]}); resuming from the previous one, {d} "
@@ -386,7 +387,7 @@ def _check_same_run(saved: dict | None, run: dict, where):
     if saved is None: return   # a checkpoint from before run signatures were recorded
     diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run.items() if saved.get(k) != v]
     if diff:
-        raise CheckpointError(f"{where} was saved by a run with other settings ({'; '.join(diff)[:600]}); resuming "
+        raise CheckpointError(f"{where} was saved by a run with other settings ({shorten('; '.join(diff), 600)}); resuming "
                               "with these would not reproduce an uninterrupted run. Restore those settings, or start "
                               "over with overwrite=True (ovseg train --overwrite)")
 
