@@ -433,8 +433,13 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 # %% ../nbs/08_train.ipynb #61630460
+# files the pipeline itself rewrites (dvc.lock after each stage, executed notebooks): a change there does not make
+# the code a run used differ from its commit
+_NOT_CODE = ("dvc.lock", "outputs/", "docs/img/")
+
 def _git_state(cwd=None) -> dict:
-    "The commit of the checkout `cwd` is in and whether tracked files differ from it (None outside git)."
+    """The commit of the checkout `cwd` is in and whether tracked files other than what `make repro` itself
+    rewrites (`dvc.lock`, `outputs/`, `docs/img/`) differ from it (None outside git)."""
     import subprocess
     def git(*a):
         r = subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)
@@ -442,7 +447,8 @@ def _git_state(cwd=None) -> dict:
     try: commit = git("rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError): commit = None
     if commit is None: return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    changed = [l[3:] for l in (git("status", "--porcelain", "--untracked-files=no") or "").splitlines()]
+    return {"commit": commit, "dirty": any(not f.startswith(_NOT_CODE) for f in changed)}
 
 def _package_dir():
     import importlib.util

@@ -203,3 +203,18 @@ def test_run_json_records_settings_versions_commit_and_resumes(tmp_path):
     fit(m, _loader(), _cfg(seed=5, lr=3e-3), tmp_path / "r", resume=True)
     rec2 = json.loads((tmp_path / "r" / "run.json").read_text())
     assert rec2["started"] == rec["started"] and [r["step"] for r in rec2["resumes"]] == [3]
+
+
+def test_run_json_not_dirty_when_only_the_pipeline_rewrote_its_lock(tmp_path):
+    "make repro rewrites dvc.lock after each stage: that alone must not mark later runs' code as dirty."
+    import subprocess
+    from ovseg.train import _git_state
+    g = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    g("init", "-q"); g("config", "user.email", "t@t"); g("config", "user.name", "t")
+    (tmp_path / "dvc.lock").write_text("a\n"); (tmp_path / "code.py").write_text("x = 1\n")
+    g("add", "."); g("commit", "-qm", "c")
+    assert _git_state(tmp_path)["dirty"] is False
+    (tmp_path / "dvc.lock").write_text("b\n")
+    assert _git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _git_state(tmp_path)["dirty"] is True
