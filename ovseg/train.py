@@ -447,7 +447,7 @@ def _git_state(cwd=None) -> dict:
     try: commit = git("rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError): commit = None
     if commit is None: return {"commit": None, "dirty": None}
-    changed = [l[3:] for l in (git("status", "--porcelain", "--untracked-files=no") or "").splitlines()]
+    changed = [l.split(maxsplit=1)[-1] for l in (git("status", "--porcelain", "--untracked-files=no") or "").splitlines()]
     return {"commit": commit, "dirty": any(not f.startswith(_NOT_CODE) for f in changed)}
 
 def _package_dir():
