@@ -5,7 +5,7 @@ random state, the device and numeric precision to run at, and one progress bar."
 
 # %% ../nbs/01_core.ipynb #4f62aed2
 from __future__ import annotations
-import contextlib, dataclasses, difflib, os, random, re, tempfile, types, typing
+import contextlib, dataclasses, difflib, math, os, random, re, tempfile, types, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -19,8 +19,9 @@ __all__ = ['OVSEG_SETTINGS', 'RANGES', 'ConfigError', 'RuntimeConfig', 'PathsCon
            'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'FusionerSettings',
            'SegmentConfig', 'Profile', 'Config', 'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig',
            'ZsSegBenchmark', 'ZsSegSettings', 'check_zsseg', 'OVSegmentorConfig', 'OVSegmentorSettings',
-           'check_ovsegmentor', 'from_dict', 'check_ranges', 'load_config', 'seed_everything', 'seed_worker',
-           'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
+           'check_ovsegmentor', 'from_dict', 'check_ranges', 'read_yaml', 'load_config', 'seed_everything',
+           'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress', 'atomic_write',
+           'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -551,6 +552,7 @@ def _convert(value, tp, key: str, source: str):
             value = float(value)   # YAML 1.1 reads 1e-3 (no dot) as a string; it is the number it looks like
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r} must be a number")
+        if not math.isfinite(value): raise ConfigError(f"{where} = {value!r} must be a finite number (not inf or NaN)")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -619,12 +621,32 @@ def check_ranges(params: "Profile", key: str = "", source: str = "settings"):
         raise ConfigError(f"{where('world.min_objects')} = {w.min_objects} must be <= world.max_objects = {w.max_objects}")
 
 # %% ../nbs/01_core.ipynb #bb64c916
+class _StrictLoader(yaml.SafeLoader):
+    "YAML's safe loader, except that a key given twice in one mapping is an error (as in strict YAML loaders)."
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading a mapping", node.start_mark, f"the key {key!r} is given twice (lines "
+                    f"{seen[key].line + 1} and {k.start_mark.line + 1}); only one can hold: delete or merge the other",
+                    k.start_mark)
+            seen[key] = k.start_mark
+        return super().construct_mapping(node, deep)
+
+def read_yaml(path: str | os.PathLike):
+    "The YAML file `path` (safe types only), refusing a key given twice in one mapping."
+    return yaml.load(Path(path).read_text(), Loader=_StrictLoader)
+
 def load_config(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:
     "Read `path` and return the settings of `profile` (default: the file's `profile` key)."
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"settings file {path} not found; run from the repository root or pass its path")
-    try: raw = yaml.safe_load(path.read_text()) or {}
+    from ovseg.inputs import file_problem
+    if (problem := file_problem(path, "settings file")): raise ConfigError(problem)
+    try: raw = read_yaml(path) or {}
     except yaml.YAMLError as e: raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict): raise ConfigError(f"{path} must hold a mapping at the top level")
     unknown = set(raw) - {"profile", "seed", "profiles"}

@@ -240,25 +240,38 @@ def load_mask(path) -> np.ndarray:
 class ImageError(ValueError):
     "An input that is no image (type, shape, dtype, value range, a missing file); the message says what is accepted."
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
+def _to_uint8(a: np.ndarray, pil_int32: bool = False) -> np.ndarray:
+    """8-bit values of an image array. uint8 and bool as they are, uint16 scaled from 0-65535; a 32-bit PIL image
+    (mode I: 16-bit PNGs, 32-bit TIFFs) from 0-65535 when its values fit, else from its full 31-bit range; any other
+    integer array only when its values are 0-255 (ovseg cannot tell the range of an int64 array holding 300); floats
+    must be finite and in [0, 1]. Anything else is an `ImageError` that says how to convert."""
+    if a.size == 0: raise ImageError(f"the image is empty (shape {a.shape}); pass an image with at least one pixel")
     if a.dtype == np.uint8: return a
     if a.dtype == bool: return a.astype(np.uint8) * 255
     if a.dtype == np.uint16: return (a.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
     if np.issubdtype(a.dtype, np.integer):
-        hi = float(a.max()) if a.size else 1.0
-        scale = 65535.0 if hi > 255 else 255.0
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0: raise ImageError(f"an {a.dtype} image with negative values (down to {lo}) has no defined "
+                                    "brightness; shift or convert it to uint8 (0-255) first")
+        if pil_int32: scale = 65535.0 if hi <= 65535 else float(2 ** 31 - 1)
+        elif hi <= 255: scale = 255.0
+        else: raise ImageError(f"an {a.dtype} image with values up to {hi}: its range is ambiguous (8-bit? 16-bit?); "
+                               "convert it to uint8 (0-255) or uint16 (0-65535) first")
         return (np.clip(a.astype(np.float64) / scale, 0, 1) * 255 + 0.5).astype(np.uint8)
     if np.issubdtype(a.dtype, np.floating):
-        a = np.nan_to_num(a.astype(np.float32))
-        if a.size and a.max() > 1.0 + 1e-6:
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ImageError(f"the float image holds {int((~np.isfinite(a)).sum())} NaN/inf values; fix or mask "
+                             "them before segmenting (they have no brightness)")
+        if a.max() > 1.0 + 1e-6:
             raise ImageError("float image values must be in [0, 1] (got a maximum of "
                              f"{float(a.max()):.3g}); divide by 255 or pass a uint8 array")
         return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
     raise ImageError(f"unsupported image dtype {a.dtype}")
 
-def _array_to_pil(a: np.ndarray) -> Image.Image:
+def _array_to_pil(a: np.ndarray, pil_int32: bool = False) -> Image.Image:
     if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
-    if a.ndim == 2: return Image.fromarray(_to_uint8(a), "L").convert("RGB")
+    if a.ndim == 2: return Image.fromarray(_to_uint8(a, pil_int32), "L").convert("RGB")
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         img = Image.fromarray(_to_uint8(a), "RGB" if a.shape[-1] == 3 else "RGBA")
         return _pil_to_rgb(img)
@@ -268,7 +281,8 @@ def _pil_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB": return img
     if img.mode == "P": img = img.convert("RGBA")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _array_to_pil(np.asarray(img) if img.mode != "I;16B" else np.asarray(img).astype(np.uint16))
+        return _array_to_pil(np.asarray(img) if img.mode != "I;16B" else np.asarray(img).astype(np.uint16),
+                             pil_int32=img.mode == "I")
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -279,8 +293,10 @@ def read_image(image, exif: bool = True) -> Image.Image:
     "A path, PIL image, array or tensor -> an RGB PIL image; files turned by their EXIF orientation unless `exif=False`."
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
-        if not p.exists(): raise ImageError(f"image file not found: {p}")
+        if not p.exists() and not p.is_symlink(): raise ImageError(f"image file not found: {p}")
         if p.is_dir(): raise ImageError(f"{p} is a directory, not an image")
+        from ovseg.inputs import file_problem
+        if (problem := file_problem(p, "image")): raise ImageError(problem)   # a FIFO or device: never opened
         try:
             with Image.open(p) as im:
                 if exif: im = ImageOps.exif_transpose(im)

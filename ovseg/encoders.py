@@ -543,6 +543,29 @@ register_encoder("random-vit", "visual", lambda ident="", seed=0, **kw: TimmVisu
 # %% ../nbs/05_encoders.ipynb #e3539236
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors")
 
+_CFG_NUMBERS = {"embed_dim", "image_size", "layers", "width", "head_width", "patch_size", "mlp_ratio", "context_length",
+                "vocab_size", "heads", "ls_init_value", "patch_dropout", "init_logit_scale", "init_logit_bias"}
+_CFG_BOOLS = {"quick_gelu", "cast_dtype", "no_ln_pre", "final_ln_after_pool", "attentional_pool", "proj_bias"}
+
+def _check_model_cfg_types(model_cfg: dict, where: Path):
+    "A number written as a string (`\"embed_dim\": \"32\"`) or a string where true/false belongs: one error naming the key."
+    def walk(d: dict, prefix: str):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict): walk(v, key + "."); continue
+            if k in _CFG_NUMBERS and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, list))):
+                raise EncoderWeightsError(f"{where}: model_cfg.{key} = {v!r} must be a number (write it without quotes)")
+            if k == "quick_gelu" and not isinstance(v, bool):
+                raise EncoderWeightsError(f"{where}: model_cfg.{key} = {v!r} must be true or false")
+    walk(model_cfg, "")
+
+def _first_problem(e: Exception) -> str:
+    "One line from a (possibly multi-line) load error: the first size mismatch or missing key, not the whole list."
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    for l in lines:
+        if l.startswith(("size mismatch", "Missing key", "Unexpected key")): return shorten(l, 300)
+    return shorten(lines[0] if lines else type(e).__name__, 300)
+
 def check_open_clip_dir(directory: str | os.PathLike, need_weights: bool = True) -> tuple[dict, Path | None]:
     """Check an open_clip directory before open_clip reads it: `open_clip_config.json` must hold a
     `model_cfg` mapping and (with `need_weights`) a readable safetensors weights file must be there;
@@ -558,6 +581,7 @@ def check_open_clip_dir(directory: str | os.PathLike, need_weights: bool = True)
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
         raise EncoderWeightsError(f"{cfg_path} has no 'model_cfg' mapping (the architecture); it must look like "
                                   '{"model_cfg": {...}, "preprocess_cfg": {...}}')
+    _check_model_cfg_types(cfg["model_cfg"], cfg_path)
     found = [d / n for n in _OPEN_CLIP_WEIGHTS if (d / n).is_file()]
     if not found:
         pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
@@ -622,8 +646,9 @@ def load_open_clip(ident: str, pretrained: str | None = None, random_init: bool 
                 if dir_weights is None: model = open_clip.create_model(name, load_weights=False, **kw)
                 else: model = open_clip.create_model(name, **kw)
             except Exception as e:
-                raise EncoderWeightsError(f"cannot load the open_clip model in {ident} "
-                                          f"(weights {dir_weights}): {type(e).__name__}: {e}") from None
+                raise EncoderWeightsError(f"the weights {dir_weights} do not fit the architecture in "
+                                          f"{Path(ident) / 'open_clip_config.json'} ({type(e).__name__}: {_first_problem(e)}); "
+                                          "check its model_cfg (sizes, a missing key) or copy the folder again") from None
             if pretrained:
                 try: open_clip.load_checkpoint(model, str(pretrained))
                 except Exception as e:

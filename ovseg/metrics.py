@@ -25,11 +25,23 @@ def _as_tensor(x) -> torch.Tensor:
     if any(s < 0 for s in a.strides): a = np.ascontiguousarray(a)
     return torch.as_tensor(a)
 
+def _integer_labels(t: torch.Tensor, what: str) -> torch.Tensor:
+    """`t` as class indices: integers as they are, floats only when every value is a whole number (a label PNG
+    read as float); 0.5 or NaN is an error, never truncated to a class."""
+    if t.dtype == torch.bool: return t.to(torch.int64)
+    if not t.is_floating_point() and not t.is_complex(): return t
+    if t.is_complex() or not torch.isfinite(t).all() or (t != t.round()).any():
+        bad = t[~torch.isfinite(t) | (t != t.round())] if not t.is_complex() else t.flatten()
+        raise ValueError(f"{what} values must be whole class indices; got {t.dtype} values such as "
+                         f"{bad.flatten()[0].item()!r}: pass integer maps (labels from a PNG), or logits (B,K,H,W)")
+    return t.to(torch.int64)
+
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     "`(K, K)` int64 counts (rows ground truth, columns prediction) on `target`'s device."
     pred, target = _as_tensor(pred), _as_tensor(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(target.shape)}")
+    target, pred = _integer_labels(target, "label"), _integer_labels(pred, "predicted class")
     target = target.to(torch.int64).reshape(-1)
     pred = pred.to(device=target.device, dtype=torch.int64).reshape(-1)
     keep = target != ignore_index
@@ -93,6 +105,9 @@ class SemanticMetric:
             if pred.shape[:kdim] + pred.shape[kdim + 1:] != target.shape:
                 raise ValueError(f"logits {tuple(pred.shape)} do not fit labels {tuple(target.shape)}: expected "
                                  "(K,H,W) for one (H,W) label map or (B,K,H,W) for (B,H,W)")
+            if pred.is_floating_point() and not torch.isfinite(pred).all():
+                raise ValueError(f"the logits hold {int((~torch.isfinite(pred)).sum())} non-finite values (NaN/inf) of "
+                                 f"{pred.numel()}: the model diverged or its input was broken; they cannot be scored")
             pred = pred.argmax(kdim)
         elif pred.is_floating_point():
             raise TypeError(f"float predictions of shape {tuple(pred.shape)} are neither class indices nor logits "

@@ -23,8 +23,9 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
 # %% auto #0
 __all__ = ['ARCHS', 'ARCH_MODULES', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed',
            'EpochSampler', 'register_arch', 'import_arch', 'arch_class', 'build_model', 'trainable_state_dict',
-           'CheckpointError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained', 'check_encoders',
-           'from_pretrained', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'run_provenance', 'fit']
+           'CheckpointError', 'NonFiniteTrainingError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained',
+           'check_encoders', 'from_pretrained', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated',
+           'run_provenance', 'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
@@ -175,6 +176,9 @@ def _save_tensors(path, tensors: dict, metadata: dict | None = None):
 class CheckpointError(ValueError):
     "A checkpoint directory that cannot be loaded as it is; the message names the file and the fix."
 
+class NonFiniteTrainingError(RuntimeError):
+    "The loss or the gradients became inf/NaN: training stopped before the weights did, with a checkpoint."
+
 class UnknownArchError(CheckpointError, KeyError):
     "config.json names an architecture no imported module registered."
     __str__ = ValueError.__str__
@@ -207,7 +211,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def _read_config_json(d: Path) -> dict:
     p = d / "config.json"
-    if not p.exists(): raise FileNotFoundError(f"{p} not found: not a model directory")
+    if not p.exists() and not p.is_symlink(): raise FileNotFoundError(f"{p} not found: not a model directory")
+    from ovseg.inputs import file_problem
+    if (problem := file_problem(p, "checkpoint file")): raise CheckpointError(problem)
     try: meta = json.loads(p.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is not valid JSON ({e}); the checkpoint is corrupt: save or copy it again") from None
@@ -218,7 +224,9 @@ def _read_config_json(d: Path) -> dict:
     return meta
 
 def _load_tensors(path: Path, map_location="cpu") -> dict:
-    if not path.exists(): raise CheckpointError(f"{path} not found: the checkpoint has no weights; copy it again")
+    if not path.exists() and not path.is_symlink(): raise CheckpointError(f"{path} not found: the checkpoint has no weights; copy it again")
+    from ovseg.inputs import file_problem
+    if (problem := file_problem(path, "checkpoint file")): raise CheckpointError(problem)
     try: return load_file(str(path), device=map_location)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
@@ -250,6 +258,12 @@ def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu", all
     cfg_cls = getattr(cls, "config_class", None)
     cfg = from_dict(cfg_cls, raw, "config", str(d / "config.json")) if cfg_cls else raw
     sd = _load_tensors(d / "model.safetensors", map_location)
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()}
+    if bad:
+        k0 = next(iter(bad))
+        raise CheckpointError(f"{d}/model.safetensors holds non-finite weights ({sum(bad.values())} values in {len(bad)} "
+                              f"tensors, e.g. {k0}): the model would give meaningless labels. It was saved from a "
+                              "diverged run: retrain, or resume from an earlier checkpoint")
     try: model = build_model(meta["arch"], cfg, f"{d}/config.json")
     except (AssertionError, ValueError, TypeError, KeyError) as e:
         if isinstance(e, CheckpointError) or type(e).__name__ == "EncoderWeightsError": raise
@@ -536,14 +550,14 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
     groups = param_groups(model, tcfg.groups, steps_per_epoch)
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
                             weight_decay=tcfg.weight_decay, fused=device.type == "cuda" or None)
-    state = dict(step=0, epoch=0, batch_in_epoch=0, log=[], evals=[])
+    state = dict(step=0, epoch=0, batch_in_epoch=0, log=[], evals=[], pending_losses=[])   # pending: losses since the last log line
     run = _run_signature(model, tcfg, loader, world)
     if tcfg.groups: run["groups"] = json.loads(json.dumps(dataclasses.asdict(tcfg)["groups"]))
     if not resume and is_main: _claim_checkpoint_dir(ckpt_dir, run, total, overwrite)
     if resume:
         loaded = load_checkpoint(ckpt_dir, model, opt, expect=run)
         if loaded is not None:
-            state.update({k: loaded[k] for k in state})
+            state.update({k: loaded[k] for k in state if k in loaded})
             if is_main: print(f"resumed from {ckpt_dir} at step {state['step']}")
             if distributed: torch.manual_seed(tcfg.seed + rank + 1_000_003 * state["step"])
 
@@ -553,7 +567,14 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[local_rank] if device.type == "cuda" else None)
 
     def checkpoint():
-        if is_main: save_checkpoint(ckpt_dir, model, opt, state, tcfg)
+        state["pending_losses"] = list(losses)       # the running average of the next log line survives a resume
+        if is_main:
+            try: save_checkpoint(ckpt_dir, model, opt, state, tcfg)
+            except Exception as e:      # a full disk: SafetensorError / OSError
+                if isinstance(e, CheckpointError): raise
+                raise CheckpointError(f"could not write the checkpoint {ckpt_dir} ({type(e).__name__}: {shorten(str(e), 200)}); "
+                                      "the previous checkpoint is kept: free disk space, then continue with "
+                                      "resume=True (ovseg train --resume)") from None
         if distributed: dist.barrier()
 
     def evaluate():
@@ -579,7 +600,7 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
         _record_run(out, model, tcfg, state["step"] if resume and state["step"] else None)
     model.train()
     bar = progress(total=total, initial=state["step"], desc="train") if is_main else _NullBar()
-    done_this_call, t0, seen, losses = 0, time.time(), 0, []
+    done_this_call, t0, seen, losses = 0, time.time(), 0, list(state.get("pending_losses") or [])
     state["run"] = run
     on_step = getattr(model, "on_step", None)   # model hook after every optimiser step (see `fit`)
     prev_term = _catch_sigterm()
@@ -603,7 +624,14 @@ def fit(model: nn.Module, train_loader, tcfg: TrainConfig, out_dir: str | os.Pat
                         (loss / tcfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
                     seen += len(next(iter(batch.values()))) if isinstance(batch, dict) else 0
-                if tcfg.grad_clip > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                if tcfg.grad_clip > 0: gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                else: gnorm = torch.nn.utils.get_total_norm([q.grad for q in model.parameters() if q.grad is not None])
+                if not (torch.isfinite(loss_sum) and torch.isfinite(gnorm)):   # never step into NaN weights
+                    opt.zero_grad(set_to_none=True); bar.close(); checkpoint()
+                    raise NonFiniteTrainingError(
+                        f"training stopped at step {step + 1}: the loss is {float(loss_sum / tcfg.grad_accum)} and the "
+                        f"gradient norm {float(gnorm)} (lr {lr:.3g}); the weights of step {step} (the last finite state) "
+                        f"are checkpointed in {ckpt_dir}. Lower train.lr, set train.grad_clip, or check the data")
                 opt.step(); opt.zero_grad(set_to_none=True)
                 if on_step is not None:
                     with torch.no_grad(): on_step(state["step"] + 1)   # e.g. a momentum encoder's EMA update
