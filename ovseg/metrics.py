@@ -22,7 +22,7 @@ def _as_tensor(x) -> torch.Tensor:
     "Tensor view of `x`; numpy views with negative strides (np.fliplr, flip TTA) are copied first."
     if isinstance(x, torch.Tensor): return x
     a = np.asarray(x)
-    if any(s < 0 for s in a.strides): a = np.ascontiguousarray(a)
+    if any(s < 0 for s in a.strides): a = a.copy()   # not np.ascontiguousarray: a (1, 1) flip counts as contiguous (found by Hypothesis)
     return torch.as_tensor(a)
 
 def _integer_labels(t: torch.Tensor, what: str) -> torch.Tensor:
