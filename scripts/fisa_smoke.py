@@ -2,7 +2,7 @@
 
 The zsseg generator of the fold (trained on its seen classes with frozen EfficientNet-Lite0 taps
 precomputed once, or loaded with --generator) is frozen. On val (all 30 classes, background ignored)
-it scores mIoU-seen / unseen / hIoU / pAcc for masks x classifiers (METHODS.md 3.3, Table F1):
+it scores mIoU-seen / unseen / hIoU / pAcc for masks x classifiers (docs/fisa.md, Table F1):
   predicted masks + the generator's own class head        (the conventional paradigm's classifier)
   predicted masks + frozen CLIP (mask pooling)            (alone, and ensembled with the head)
   predicted masks + frozen CLIP on masked crops (zsseg)   (alone, and ensembled with the head)

@@ -161,7 +161,7 @@ from ovseg.fusioner import OfficialAugment, build_encoders, fit_to_output, for_d
 
 
 def test_paper_profile_is_the_official_recipe():
-    "Every row of METHODS.md section 0 as a setting of the `paper` profile (docs/fusioner.md)."
+    "Every row of the official recipe (docs/fusioner.md, chaofanma/Fusioner@01985ed) as a setting of the `paper` profile."
     cfg = load_config("params.yaml", "paper")
     fc, runs, tc = cfg.params.fusioner.model, cfg.params.fusioner, cfg.params.train
     assert (fc.dim, fc.depth, fc.heads, fc.mlp_ratio, fc.drop_path, fc.temperature) == (512, 12, 8, 4.0, 0.0, 0.07)

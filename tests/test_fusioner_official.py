@@ -1,6 +1,6 @@
 """The `paper` Fusioner head is the official architecture, module by module.
 
-The reference below is written from the equations of the official modules (METHODS.md section 0:
+The reference below is written from the equations of the official modules (chaofanma/Fusioner@01985ed: model/fusion.py, model/decoder.py, model/head.py;
 fusion transformer, decoder, cosine head), with explicit tensor algebra for layer norm,
 multi-head attention, GELU, instance norm and the projections; only convolution and bilinear
 resizing use torch's primitives. The `paper` head (the `paper` profile's settings at a small
