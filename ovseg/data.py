@@ -19,10 +19,10 @@ from PIL import Image, ImageOps
 
 # %% auto #0
 __all__ = ['VOC_RAW', 'COCO_THING_IDS', 'COCO_THINGS', 'COCO_STUFF', 'COCO_STUFF_IDS', 'COCO_STUFF_UNSEEN', 'VOC_UNSEEN',
-           'ADE150', 'PC59', 'DATASETS', 'PREPARE', 'collate', 'same_size_batches', 'Compose', 'Resize',
-           'RandomScaleCrop', 'RandomHFlip', 'PhotometricJitter', 'train_transform', 'window_starts', 'sliding_window',
-           'tta_predict', 'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_mask', 'ImageError',
-           'read_image', 'image_to_tensor', 'load_image', 'clean_name', 'register_dataset', 'SegDataset',
+           'ADE150', 'PC59', 'DATASETS', 'DATASET_MODULES', 'PREPARE', 'collate', 'same_size_batches', 'Compose',
+           'Resize', 'RandomScaleCrop', 'RandomHFlip', 'PhotometricJitter', 'train_transform', 'window_starts',
+           'sliding_window', 'tta_predict', 'DatasetNotFoundError', 'LabelValueError', 'CorruptFileError', 'load_mask',
+           'ImageError', 'read_image', 'image_to_tensor', 'load_image', 'clean_name', 'register_dataset', 'SegDataset',
            'SemanticDataset', 'VOCSemantic', 'COCOStuff', 'COCOObject', 'ADE20K150', 'ADE847', 'PascalContext59',
            'PascalContext459', 'PascalContext60', 'splits_dir', 'pascal5i_fold_classes', 'coco20i_fold_classes',
            'EpisodeDataset', 'Pascal5i', 'coco20i_names', 'COCO20i', 'FSS1000', 'Mosaic4', 'list_datasets',
@@ -735,12 +735,17 @@ class Mosaic4(torch.utils.data.Dataset):
         return self.transform(s) if self.transform else s
 
 # %% ../nbs/04_data.ipynb #bbfa9dbc
+# datasets defined beside the method or data they belong to: known by name before their module is imported
+DATASET_MODULES = {"coco_panoptic": "ovseg.fisa", "ade_panoptic": "ovseg.fisa"}
+
 def list_datasets() -> list[str]:
-    "Names accepted by `create_dataset` and `prepare_dataset`."
-    return sorted(DATASETS)
+    "Names accepted by `create_dataset` and `prepare_dataset` (also those of `DATASET_MODULES`, not yet imported)."
+    return sorted(set(DATASETS) | set(DATASET_MODULES))
 
 def create_dataset(name: str, root="data", split: str = "val", **kw):
     "Build dataset `name` from the data folder `root` (`cfg.params.paths.data`); `kw` go to its class."
+    if name not in DATASETS and name in DATASET_MODULES:
+        import importlib; importlib.import_module(DATASET_MODULES[name])   # registers it
     if name not in DATASETS: raise KeyError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
     cls = DATASETS[name]
     if cls is VOCSemantic: kw.setdefault("num_classes", int(name[3:]))

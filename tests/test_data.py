@@ -323,3 +323,16 @@ def test_dataloader_workers_and_collate(tmp_path):
     dl = torch.utils.data.DataLoader(d, batch_size=4, num_workers=1, collate_fn=collate)
     b = next(iter(dl))
     assert b["image"].shape == (4, 3, 12, 12) and b["class_id"].dtype == torch.int64 and len(b["class_name"]) == 4
+
+
+def test_panoptic_datasets_are_known_before_their_module_is_imported(tmp_path):
+    "create_dataset('coco_panoptic') works from ovseg.data alone (the class lives in ovseg.fisa)."
+    import subprocess, sys
+    code = ("import sys; from ovseg.data import create_dataset, list_datasets\n"
+            "assert 'coco_panoptic' in list_datasets() and 'ovseg.fisa' not in sys.modules\n"
+            f"try: create_dataset('coco_panoptic', root={str(tmp_path)!r})\n"
+            "except KeyError as e: sys.exit(f'unknown: {e}')\n"
+            "except Exception as e: print(type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "DatasetNotFoundError" in r.stdout        # known, and its missing folder is named
