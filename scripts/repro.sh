@@ -6,6 +6,9 @@ profile=$(python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['pro
 echo "== dvc repro (profile: $profile) =="
 dvc repro
 echo
+echo "== figures for the README and docs (docs/img/) =="
+python scripts/refresh_figures.py
+echo
 echo "== metrics =="
 python scripts/summarise_metrics.py
 echo
