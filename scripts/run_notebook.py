@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     if a.kernel == "ovseg" and not same_python(spec.argv[0]):
         sys.exit(f"run_notebook: the Jupyter kernel 'ovseg' runs {spec.argv[0]}, not this environment's "
                  f"{sys.executable} (registered from another checkout?). Re-register it: {sys.executable} -m "
-                 f"ipykernel install --sys-prefix --name ovseg --display-name 'Python (ovseg)'")
+                 f"ipykernel install --sys-prefix --name ovseg --display-name ovseg")
     out = Path(a.out_dir); out.mkdir(parents=True, exist_ok=True)
     # A DVC stage regenerates everything it writes: training runs inside it replace earlier runs
     # (ovseg.train.fit otherwise refuses to overwrite another run's checkpoint).

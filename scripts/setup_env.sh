@@ -20,12 +20,12 @@ echo "== setting up .venv (first run takes a few minutes) =="
 # Registered inside .venv (--sys-prefix), so two checkouts on one machine never take each other's
 # kernel; scripts/run_notebook.py puts .venv/share/jupyter first on JUPYTER_PATH. A user-level
 # "ovseg" kernel left by older versions of this script would shadow it in JupyterLab: remove it.
-.venv/bin/python -m ipykernel install --sys-prefix --name ovseg --display-name "Python (ovseg)" >/dev/null
+.venv/bin/python -m ipykernel install --sys-prefix --name ovseg --display-name "ovseg" >/dev/null
 legacy="${JUPYTER_DATA_DIR:-$HOME/.local/share/jupyter}/kernels/ovseg"
 if [ -f "$legacy/kernel.json" ] && ! grep -q "$(pwd)/.venv/" "$legacy/kernel.json"; then
   echo "removing the user-level 'ovseg' kernel of another environment ($legacy)"; rm -rf "$legacy"
 fi
-echo "registered Jupyter kernel 'Python (ovseg)'"
+echo "registered Jupyter kernel 'ovseg'"
 .venv/bin/python -c "import ovseg, open_clip, timm; from transformers import BertModel" \
   || { echo "environment check failed: see the import error above" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -1,4 +1,4 @@
-"""The "Python (ovseg)" Jupyter kernel that scripts/setup_env.sh registers runs this environment,
+"""The "ovseg" Jupyter kernel that scripts/setup_env.sh registers runs this environment,
 executes an nbs/ notebook (nbclient) and a repro/ stage (papermill, through scripts/run_notebook.sh,
 as `dvc repro` does) -- and a healthy stage prints no WARNING or ERROR line."""
 import json, os, re, subprocess, sys
@@ -17,7 +17,7 @@ def _spec():
 
 def test_ovseg_kernel_runs_this_environment():
     spec = _spec()
-    assert spec.display_name == "Python (ovseg)"
+    assert spec.display_name == "ovseg"       # = what nbdev-clean writes into every notebook: JupyterLab changes nothing on open
     assert same_python(spec.argv[0]), f"kernel 'ovseg' runs {spec.argv[0]}, not {sys.executable}: re-run setup"
     assert "curve" in spec.metadata.get("supported_encryption", []), "kernel cannot encrypt its sockets"
 
@@ -54,3 +54,15 @@ def test_every_notebook_opens_in_the_ovseg_kernel():
     wrong = [str(p.relative_to(root)) for p in sorted([*root.glob("nbs/*.ipynb"), *root.glob("repro/*.ipynb")])
              if json.loads(p.read_text())["metadata"].get("kernelspec", {}).get("name") != "ovseg"]
     assert not wrong, f"kernelspec is not 'ovseg' in {wrong}"
+
+
+def test_every_notebook_names_the_registered_kernel_as_it_is_registered():
+    "A notebook whose kernelspec differs from the kernel's own (name or display name) opens as modified in JupyterLab."
+    import glob
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for f in sorted(glob.glob(str(root / "nbs" / "*.ipynb")) + glob.glob(str(root / "repro" / "*.ipynb"))):
+        ks = json.loads(Path(f).read_text()).get("metadata", {}).get("kernelspec", {})
+        if (ks.get("name"), ks.get("display_name")) != ("ovseg", "ovseg"): bad.append(f"{Path(f).name}: {ks}")
+    assert not bad, bad
