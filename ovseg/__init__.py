@@ -4,6 +4,30 @@ Entry points, imported on first use: `ovseg.segment(image, classes, model=...)`,
 
 Every module is defined, explained and tested in one notebook: `ovseg.NAME` in `nbs/NN_NAME.ipynb` (each module's header names it: `File to edit`). Topic guides: `docs/datasets.md`, `docs/encoders.md`, `docs/training.md`, `docs/reproduction.md`, `docs/benchmarks.md`.
 
+Modules, in the order data flows:
+
+- `ovseg.compat`: makes torchvision import beside CPU-only torch (no torch import at start-up).
+- `ovseg.core`: typed settings from `params.yaml` (profiles), seeding, devices, atomic writes, progress bars.
+- `ovseg.inputs`: class lists, files, model names and devices checked before torch loads (what the CLI checks first).
+- `ovseg.metrics`: mIoU / FB-IoU / hIoU / PQ as the papers' code computes them.
+- `ovseg.embedded`: the seeded synthetic world of coloured shapes the embedded profile runs on.
+- `ovseg.data`: the benchmarks' datasets in their standard layouts, transforms, sliding windows, preparation.
+- `ovseg.encoders`: frozen visual and text encoders behind one interface (open_clip, timm, transformers), prompt templates, the OpenAI/QuickGELU rule.
+- `ovseg.cliptrain`: the small CLIP the embedded profile trains, since no CLIP weights install offline.
+- `ovseg.cache`: dense features of frozen encoders computed once and reused.
+- `ovseg.train`: the one training loop (AdamW, schedules, bf16, exact resume), checkpoints and the arch registry.
+- `ovseg.experiment`: the method contract, episode and semantic evaluation, runs over folds x seeds, tables.
+- `ovseg.fusioner`: Fusioner (Ma et al., BMVC 2022).
+- `ovseg.maskgen`: class-agnostic mask proposals, Hungarian matching, set losses, masked crops.
+- `ovseg.twostage`: the two-stage zsseg baseline (Xu et al., ECCV 2022).
+- `ovseg.grouping`: GroupViT's grouping blocks.
+- `ovseg.ovsegmentor`: OVSegmentor (Xu et al., CVPR 2023).
+- `ovseg.fisa`: FISA (Chng et al., arXiv 2409.16278).
+- `ovseg.denseclip`: training-free dense CLIP.
+- `ovseg.segment`: `segment(image, classes, model=...)`, visualisation, saved results.
+- `ovseg.cli`: the `ovseg` command (`segment`, `eval`, `train`, `models`).
+- `ovseg.testing`: stand-ins for tests and demos (random encoders, tiny CLIPs, random-weight files of the paper's encoders).
+
 Modules:
 
 - `ovseg.cliptrain`: No CLIP weights can be installed offline, so the embedded profile trains its own: a small open_clip architecture (a custom config), trained contrastively on the embedded world's image–caption pairs, saved in open_clip's directory format and then used frozen like any pretrained CLIP (`create_clip("open_clip:outputs/embedded_clip")`).
