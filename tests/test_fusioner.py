@@ -249,10 +249,14 @@ def test_paper_pairs_honour_encoders_weights(tmp_path):
         build_encoders(pair_config(cfg.params.fusioner.model, "mocov3-vitb|bert-base"))
 
 
-def test_openai_weights_into_gelu_model_is_an_error():
-    from ovseg.encoders import EncoderWeightsError, create_visual_encoder
-    with pytest.raises(EncoderWeightsError, match="QuickGELU.*ViT-L-14-quickgelu"):
-        create_visual_encoder("open_clip:ViT-L-14", pretrained="openai")
+def test_openai_weights_build_quickgelu_and_explicit_mismatches_are_errors():
+    "OpenAI's ViT-L/14 with a GELU name builds the QuickGELU model; a mismatch asked for explicitly is an error."
+    from ovseg.encoders import EncoderWeightsError, resolve_activation
+    assert resolve_activation("ViT-L-14", "openai")[0] == "ViT-L-14-quickgelu"
+    with pytest.raises(EncoderWeightsError, match="force_quick_gelu=False"):
+        resolve_activation("ViT-L-14", "openai", {"force_quick_gelu": False})
+    with pytest.raises(EncoderWeightsError, match="open_clip:ViT-L-14"):
+        resolve_activation("ViT-L-14-quickgelu", "laion2b_s32b_b82k")
 
 
 def _paper_small(**kw):
