@@ -604,3 +604,44 @@ def test_official_augmentation():
         j = ColorAugSSD()(s)
         assert j["image"].shape == s["image"].shape and 0 <= j["image"].min() and j["image"].max() <= 1 and j["label"] is s["label"]
     assert PadTo(8)(s)["image"].shape == (3, 30, 60)                                           # never crops
+
+
+def test_paper_recipe_end_to_end_on_a_real_layout(clipdir, tmp_path):
+    """The paper profile's chain on a VOC-layout fixture with tiny encoders: raw names, the official augmentation, the
+    learned crop prompts (trained, then frozen), stage 1 through `fit` with poly groups and the backbone at 0.1x, and
+    scoring at the label's own size."""
+    import numpy as np
+    from PIL import Image
+    from ovseg.core import ParamGroupConfig, TrainConfig, ZsSegBenchmark
+    from ovseg.data import collate
+    from ovseg.train import fit
+    from ovseg.twostage import PromptSamples, ablation_scores, ensemble_row, train_prompts, zero_shot_data
+    voc = tmp_path / "data/VOCdevkit/VOC2012"
+    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"): (voc / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        lab = np.zeros((40, 56), np.uint8); lab[5:30, 5:25] = 1 + k % 3; lab[10:35, 30:50] = 16 + k % 5   # a seen and an unseen class
+        img = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8); img[lab == 1 + k % 3] = (200, 30, 30)
+        Image.fromarray(img).save(voc / "JPEGImages" / f"{k}.jpg"); Image.fromarray(lab).save(voc / "SegmentationClassAug" / f"{k}.png")
+    (voc / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(map(str, range(6))) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("0\n1\n")
+    bench = ZsSegBenchmark(dataset_kw={"mask_dir": "SegmentationClassAug"}, crop=32, short_side=[32, 40], test_short_side=32)
+    train, val, names, unseen = zero_shot_data(bench, tmp_path / "data")
+    assert names[15] == "pottedplant" and train[0]["image"].shape == (3, 32, 32)
+    torch.manual_seed(0)
+    cfg = ZsSegConfig(backbone="test-tiny-taps-bn", clip=f"open_clip:{clipdir}", class_names=names, unseen=unseen, queries=4, dim=16,
+                      mask_dim=16, layers=1, heads=2, ffn=32, embed_hidden=16, templates=["a sculpture of a {}."], crop_prompt="learned",
+                      prompt_context=4, train_backbone=True, no_object_decay=True, seen_names="vocabulary", lam=0.7)
+    model = ZsSeg(cfg)
+    plain = zero_shot_data(bench, tmp_path / "data", augment=False)[0]
+    losses = train_prompts(model, PromptSamples(plain, 2, model.crop_size), TrainConfig(max_steps=3, batch_size=2, lr=0.02, warmup_steps=1))
+    assert len(losses) == 3 and not model.crop_prompt.ctx.requires_grad
+    ctx, conv = model.crop_prompt.ctx.clone(), model.backbone.c8.weight.clone()
+    groups = {"backbone": ParamGroupConfig(prefixes=["backbone."], lr=1e-4, schedule="poly", weight_decay=1e-4),
+              "rest": ParamGroupConfig(prefixes=[""], lr=1e-3, schedule="poly", weight_decay=1e-4)}
+    loader = torch.utils.data.DataLoader(train, batch_size=2, collate_fn=collate)
+    fit(model, loader, TrainConfig(max_steps=3, batch_size=2, grad_clip=0.01, device="cpu", groups=groups, log_every=1), tmp_path / "run")
+    assert torch.equal(model.crop_prompt.ctx, ctx) and not torch.equal(model.backbone.c8.weight, conv)   # prompts frozen, backbone trained
+    assert val[0]["image"].shape[-2:] == (32, 45) and val[0]["label"].shape == (40, 56)
+    rows = ablation_scores(model, val, unseen, lams=[0.7], batch_size=1, oracles=())
+    assert set(rows) == {"proposals", "clip", ensemble_row(0.7)} and all(0 <= r["pAcc"] <= 100 for r in rows.values())
