@@ -895,6 +895,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'ovseg.twostage.ZeroShotTrainView._label': ('twostage.html#zeroshottrainview._label', 'ovseg/twostage.py'),
                                 'ovseg.twostage.ZsSeg': ('twostage.html#zsseg', 'ovseg/twostage.py'),
                                 'ovseg.twostage.ZsSeg.__init__': ('twostage.html#zsseg.__init__', 'ovseg/twostage.py'),
+                                'ovseg.twostage.ZsSeg._learned_text': ('twostage.html#zsseg._learned_text', 'ovseg/twostage.py'),
                                 'ovseg.twostage.ZsSeg._need': ('twostage.html#zsseg._need', 'ovseg/twostage.py'),
                                 'ovseg.twostage.ZsSeg._pad': ('twostage.html#zsseg._pad', 'ovseg/twostage.py'),
                                 'ovseg.twostage.ZsSeg._taps': ('twostage.html#zsseg._taps', 'ovseg/twostage.py'),

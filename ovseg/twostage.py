@@ -387,6 +387,7 @@ class ZsSeg(nn.Module):
                 for p in mod.parameters(recurse=False): p.requires_grad_(not norm)
         if config.no_object_decay: self.no_decay = tuple(n for n in type(self).no_decay if n != "no_object")
         self._name_cache: dict[str, torch.Tensor] = {}
+        self._learned_cache: dict[int, tuple] = {}
         self.last_losses: dict[str, float] = {}
 
     def frozen_encoders(self) -> dict:
@@ -414,7 +415,7 @@ class ZsSeg(nn.Module):
 
     def class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
         "(K, D) L2-normalised CLIP text embeddings (template ensemble, cached per name; or learned prompts)."
-        if self.prompt is not None: return self.prompt(list(names), self.clip_text)
+        if self.prompt is not None: return self._learned_text(self.prompt, names)
         missing = list(dict.fromkeys(n for n in names if n not in self._name_cache))
         if missing:
             emb = self.clip_text.encode_classes(missing, templates=self.config.templates)   # a registered set or a list
@@ -424,7 +425,18 @@ class ZsSeg(nn.Module):
     def crop_embeddings(self, names: Sequence[str]) -> torch.Tensor:
         "(K, D) text of the CLIP crop classifier: the query head's, or its own learned prompts (`crop_prompt='learned'`)."
         if self.crop_prompt is None: return self.class_embeddings(names)
-        return self.crop_prompt(list(names), self.clip_text)
+        return self._learned_text(self.crop_prompt, names)
+
+    def _learned_text(self, learner: PromptLearner, names: Sequence[str]) -> torch.Tensor:
+        "Learned-prompt text: differentiable while the context trains; otherwise cached per name until the context changes."
+        if torch.is_grad_enabled() and learner.ctx.requires_grad: return learner(list(names), self.clip_text)
+        key = (id(learner), learner.ctx._version, learner.ctx.data_ptr())
+        cache = self._learned_cache.get(id(learner))
+        if cache is None or cache[0] != key: cache = self._learned_cache[id(learner)] = (key, {})
+        missing = list(dict.fromkeys(n for n in names if n not in cache[1]))
+        if missing:
+            with torch.no_grad(): cache[1].update(zip(missing, learner(missing, self.clip_text).float()))
+        return torch.stack([cache[1][n] for n in names]).to(self.device)
 
     @property
     def crop_text_learner(self) -> PromptLearner | None:

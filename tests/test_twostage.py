@@ -645,3 +645,15 @@ def test_paper_recipe_end_to_end_on_a_real_layout(clipdir, tmp_path):
     assert val[0]["image"].shape[-2:] == (32, 45) and val[0]["label"].shape == (40, 56)
     rows = ablation_scores(model, val, unseen, lams=[0.7], batch_size=1, oracles=())
     assert set(rows) == {"proposals", "clip", ensemble_row(0.7)} and all(0 <= r["pAcc"] <= 100 for r in rows.values())
+
+
+def test_learned_text_cached_until_the_context_changes(clipdir, world):
+    model = ZsSeg(_cfg(clipdir, world, prompt="learned", prompt_context=4))
+    names = world.class_names[:3]
+    assert model.class_embeddings(names).requires_grad                       # trains: not cached
+    model.prompt.requires_grad_(False)
+    a = model.class_embeddings(names)
+    with torch.no_grad(): model.prompt.ctx.add_(torch.randn(model.prompt.ctx.shape))   # e.g. load_state_dict: the cache is dropped
+    b = model.class_embeddings(names)
+    assert not a.requires_grad and (a - b).abs().max() > 1e-3
+    assert torch.allclose(b, model.prompt(names, model.clip_text), atol=1e-6)
