@@ -425,6 +425,7 @@ def check_zsseg(s: ZsSegSettings, where: str = "zsseg"):
     for n, b in s.benchmarks.items():
         bad = sorted(set(b.model) - known)
         if bad: raise ConfigError(f"{where}.benchmarks.{n}.model: unknown ZsSegConfig fields {bad}; choose among {sorted(known)}")
+        from_dict(ZsSegConfig, {**dataclasses.asdict(m), **b.model}, f"benchmarks.{n}.model", where)   # the values' types
     for name, tc in (("train", s.train), ("baseline_train", s.baseline_train)):
         if m.train_backbone and not any(p.startswith("backbone") for g in tc.groups.values() for p in g.prefixes):
             raise ConfigError(f"{where}.model.train_backbone = True needs a {name}.groups entry for the backbone (prefixes: "

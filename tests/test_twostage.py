@@ -657,3 +657,14 @@ def test_learned_text_cached_until_the_context_changes(clipdir, world):
     b = model.class_embeddings(names)
     assert not a.requires_grad and (a - b).abs().max() > 1e-3
     assert torch.allclose(b, model.prompt(names, model.clip_text), atol=1e-6)
+
+
+def test_benchmark_model_overrides_are_checked():
+    from ovseg.core import ConfigError, ZsSegBenchmark, ZsSegSettings, check_zsseg
+    with pytest.raises(ConfigError, match="'lerned' is not one of"):
+        check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"prompt": "lerned"})}))
+    with pytest.raises(ConfigError, match=r"unknown ZsSegConfig fields \['promt'\]"):
+        check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"promt": "learned"})}))
+    with pytest.raises(ConfigError, match="short_side"):
+        check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(short_side=[])}))
+    check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"prompt": "learned", "crop_prompt": "same"})}))
