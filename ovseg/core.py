@@ -130,7 +130,7 @@ class ParamGroupConfig:
     optimizer: Literal["adamw", "adam"] = "adamw"    # adamw: decoupled weight decay; adam: L2 added to the gradient
     lr: float = 1e-3                # peak learning rate
     min_lr: float = 0.0             # floor of the cosine decay
-    schedule: Literal["cosine", "constant"] = "cosine"  # learning-rate shape after the warm-up
+    schedule: Literal["cosine", "constant", "poly"] = "cosine"  # learning-rate shape after the warm-up (poly: (1 - t)^0.9, detectron2's WarmupPolyLR)
     warmup_steps: int = 0           # linear warm-up, optimizer steps ...
     warmup_epochs: float = 0.0      # ... plus this many epochs of them
     weight_decay: float = 0.0       # on >=2-d weights only; cosine from this ...
@@ -347,7 +347,13 @@ class ZsSegConfig:
     prompt: Literal["templates", "learned"] = "templates"  # text: template ensemble | CoOp context vectors
     templates: list[str] | str = "embedded"  # a template set of ovseg.encoders ("embedded": the embedded
                                             # CLIP's caption phrasing) or a list (one = single template)
-    prompt_context: int = 16                # CoOp: learned context vectors before the class name
+    prompt_context: int = 16                # CoOp: learned context vectors before the class name (official 16, init N(0, 0.02))
+    crop_prompt: Literal["same", "learned"] = "same"  # text of the CLIP crop classifier: the query head's | its own learned
+                                            # context (official VOC: a separate crop adapter with learned prompts)
+    train_backbone: bool = False            # True: the backbone trains (its BatchNorms stay frozen; lr from train.groups, official x0.1)
+    no_object_decay: bool = False           # weight decay on the no-object embedding too (official: yes)
+    seen_names: Literal["by_name", "vocabulary"] = "by_name"  # seen classes at test: any training class name (by_name) |
+                                            # only when the test names are the training vocabulary, else all unseen (official)
     class_names: list[str] = field(default_factory=list)   # training label space: label k is class_names[k]
     unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training
     lam: float = 0.8                        # ensemble weight λ (VOC 0.7); <= 0: CLIP on crops only
@@ -373,6 +379,14 @@ class ZsSegBenchmark:
     crop: int = 512                         # training crop
     short_side: list[int] = field(default_factory=lambda: list(range(320, 961, 64)))  # random short side before the crop
     test_short_side: int = 512              # evaluation: short side resized to this, whole image
+    max_size: int = 2048                    # long side cap of the training and test resizes (official 2048)
+    names: Literal["raw", "clean"] = "raw"  # class names given to CLIP: the dataset's own (official: pottedplant, tvmonitor) | cleaned
+    augment: Literal["official", "ovseg"] = "official"  # official: short side from `short_side`, crop, SSD colour jitter, flip,
+                                            # pad to `crop` (image 128/255, label 255) | ovseg: ovseg.data.train_transform (continuous scale, pad 0)
+    eval_resolution: Literal["label", "test"] = "label"  # label: the prediction resized to the label's size (official) | test: image and label at test_short_side
+    model: dict[str, Any] = field(default_factory=dict)  # ZsSegConfig fields of this setting over `model` (VOC: its crop prompts)
+    prompt_steps: int = 3200                # learned prompts: iterations (official VOC 3,200, COCO-Stuff 16,000) ...
+    prompt_samples_per_class: int = 128     # ... on this many training images per seen class (VOC 128, COCO-Stuff 32)
 
 @dataclass
 class ZsSegSettings:
@@ -382,6 +396,10 @@ class ZsSegSettings:
                                                                    weight_decay_end=1e-4, grad_clip=0.01))  # stage 1 (proposals)
     baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
                                                                             weight_decay_end=1e-4, grad_clip=0.01))  # one-stage per-pixel baseline
+    prompt_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3200, batch_size=32, lr=0.02, weight_decay=5e-4,
+                                                                          weight_decay_end=5e-4, warmup_steps=100, grad_clip=0.0))
+                                            # learned prompts (ovseg.twostage.train_prompts): SGD momentum 0.9, cosine, constant
+                                            # warm-up at 0.005 x lr; max_steps: benchmarks.*.prompt_steps on real data
     benchmark: Literal["world", "real"] = "world"  # world: the embedded world's folds | real: the `benchmarks` below
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     folds: list[int] = field(default_factory=lambda: [0, 1])   # world folds (each: its novel classes unseen)
@@ -400,7 +418,19 @@ def check_zsseg(s: ZsSegSettings, where: str = "zsseg"):
               ("lams", all(l <= 1 for l in s.lams), "<= 1 each")]
     checks += [(f"benchmarks.{n}.{k}", ok, need) for n, b in s.benchmarks.items() for k, ok, need in
                [("lam", b.lam <= 1, "<= 1"), ("max_steps", b.max_steps >= 1, ">= 1"), ("batch_size", b.batch_size >= 1, ">= 1"),
-                ("crop", b.crop >= 1, ">= 1")]]
+                ("crop", b.crop >= 1, ">= 1"), ("max_size", b.max_size >= 1, ">= 1"), ("prompt_steps", b.prompt_steps >= 1, ">= 1"),
+                ("prompt_samples_per_class", b.prompt_samples_per_class >= 1, ">= 1"),
+                ("short_side", bool(b.short_side) and min(b.short_side) >= 1, "a non-empty list of sides >= 1")]]
+    checks += [("prompt_train.lr", s.prompt_train.lr > 0, "> 0"), ("model.prompt_context", m.prompt_context >= 1, ">= 1")]
+    known = {f.name for f in dataclasses.fields(ZsSegConfig)}
+    for n, b in s.benchmarks.items():
+        bad = sorted(set(b.model) - known)
+        if bad: raise ConfigError(f"{where}.benchmarks.{n}.model: unknown ZsSegConfig fields {bad}; choose among {sorted(known)}")
+        from_dict(ZsSegConfig, {**dataclasses.asdict(m), **b.model}, f"benchmarks.{n}.model", where)   # the values' types
+    for name, tc in (("train", s.train), ("baseline_train", s.baseline_train)):
+        if m.train_backbone and not any(p.startswith("backbone") for g in tc.groups.values() for p in g.prefixes):
+            raise ConfigError(f"{where}.model.train_backbone = True needs a {name}.groups entry for the backbone (prefixes: "
+                              f"[backbone.], its lr: official 0.1 x the lr); without it the backbone would train at the full lr")
     for key, ok, need in checks:
         if not ok:
             obj = s

@@ -28,8 +28,12 @@ __all__ = ['ARCHS', 'ARCH_MODULES', 'lr_at', 'wd_at', 'param_groups', 'group_sch
            'run_provenance', 'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
-def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
-    "Learning rate at optimizer step `step` (0-based) of `total`: linear warm-up, then cosine."
+def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0, schedule: str = "cosine") -> float:
+    """Learning rate at optimizer step `step` (0-based) of `total`: linear warm-up, then cosine; `schedule="poly"`:
+    detectron2's WarmupPolyLR, min_lr + (lr - min_lr)·(1 - step/total)^0.9 from step 0, times the warm-up factor."""
+    if schedule == "poly":
+        f = (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
+        return min_lr + (lr - min_lr) * f * max(0.0, 1 - step / max(1, total)) ** 0.9
     if warmup > 0 and step < warmup: return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
@@ -65,7 +69,7 @@ def param_groups(model: nn.Module, groups: dict | None = None, steps_per_epoch: 
         own = dict(group=name, lr=c.lr, peak_lr=c.lr, min_lr=c.lr if c.schedule == "constant" else c.min_lr,
                    warmup=c.warmup_steps + round(c.warmup_epochs * steps_per_epoch), wd_start=c.weight_decay,
                    wd_end=c.weight_decay if c.weight_decay_end is None else c.weight_decay_end,
-                   betas=(c.beta1, c.beta2), decoupled_weight_decay=c.optimizer == "adamw")
+                   betas=(c.beta1, c.beta2), decoupled_weight_decay=c.optimizer == "adamw", schedule=c.schedule)
         out += [dict(params=decay, decay=True, weight_decay=c.weight_decay, **own),
                 dict(params=no_decay, decay=False, weight_decay=0.0, **own)]
     return [g for g in out if g["params"] or not groups]
@@ -73,7 +77,7 @@ def param_groups(model: nn.Module, groups: dict | None = None, steps_per_epoch: 
 def group_schedule(g: dict, step: int, total: int, lr: float, wd: float) -> tuple[float, float]:
     "(lr, weight decay) of optimiser group `g` at `step`: a named group's own schedules, else the loop's `lr`/`wd`."
     if "group" not in g: return lr, (wd if g.get("decay", True) else 0.0)
-    glr = lr_at(step, total, g["peak_lr"], g["warmup"], g["min_lr"])   # constant: min_lr == peak_lr
+    glr = lr_at(step, total, g["peak_lr"], g["warmup"], g["min_lr"], g.get("schedule", "cosine"))   # constant: min_lr == peak_lr
     return glr, (wd_at(step, total, g["wd_start"], g["wd_end"]) if g["decay"] else 0.0)
 
 # %% ../nbs/08_train.ipynb #fcb512f3

@@ -21,19 +21,28 @@ from .maskgen import (MLP, HungarianMatcher, MaskProposer, PixelDecoder, SetCrit
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['ABLATION_ROWS', 'paper_config', 'ZeroShotTrainView', 'zero_shot_data', 'PromptLearner', 'build_zsseg_encoders',
-           'name_key', 'ZsSeg', 'ensemble_row', 'ablation_scores', 'choose_lam']
+__all__ = ['PAPER_PROMPTS', 'ABLATION_ROWS', 'paper_config', 'ZeroShotTrainView', 'ColorAugSSD', 'ShortSideChoice', 'RandomCrop',
+           'PadTo', 'official_train_transform', 'ResizeImage', 'zero_shot_data', 'PromptLearner', 'PromptSamples',
+           'prompt_lr', 'train_prompts', 'build_zsseg_encoders', 'name_key', 'ZsSeg', 'ensemble_row', 'ablation_scores',
+           'choose_lam']
 
 # %% ../nbs/10_twostage.ipynb #b3960c5c
 from .core import ZsSegBenchmark, ZsSegConfig, ZsSegSettings   # typed settings live in ovseg.core (params.yaml `zsseg`)
 
+PAPER_PROMPTS = {"voc": dict(prompt="templates", crop_prompt="learned"),          # query head: "a sculpture of a {}."
+                 "coco-stuff": dict(prompt="learned", crop_prompt="same")}      # one learned prompt for both heads
+
 def paper_config(dataset: Literal["voc", "coco-stuff"] = "coco-stuff", **overrides) -> ZsSegConfig:
-    "The paper's architecture (R101-class backbone, CLIP ViT-B/16, Q=100, d=256, 6 layers) and λ of `dataset`."
+    """The paper's headline model of `dataset`: R101-class backbone trained at 0.1x lr (via `train.groups`), CLIP ViT-B/16,
+    Q=100, d=256, 6 layers, weight decay on the no-object embedding, cross-dataset names unseen, and the official λ and
+    prompts (`PAPER_PROMPTS`: COCO-Stuff learned prompts for both heads; VOC the single template for the query head and
+    learned prompts for the crops)."""
     if dataset not in ("voc", "coco-stuff"): raise ValueError(f"dataset must be 'voc' or 'coco-stuff', got {dataset!r}")
     cfg = ZsSegConfig(backbone="timm-features:resnet101d", taps=[4, 8, 16, 32], decoder_stride=32,
                       clip="open_clip:ViT-B-16", weights={"open_clip:ViT-B-16": "openai"}, queries=100, dim=256,
                       mask_dim=256, layers=6, heads=8, ffn=2048, embed_hidden=1024, templates=["a sculpture of a {}."],
-                      lam={"voc": 0.7, "coco-stuff": 0.8}[dataset])
+                      train_backbone=True, no_object_decay=True, seen_names="vocabulary",
+                      lam={"voc": 0.7, "coco-stuff": 0.8}[dataset], **PAPER_PROMPTS[dataset])
     return dataclasses.replace(cfg, **overrides)
 
 # %% ../nbs/10_twostage.ipynb #4493c976
@@ -61,20 +70,123 @@ class ZeroShotTrainView(torch.utils.data.Dataset):
         s = dict(self.dataset[self.index[k]]); s["label"] = self._label(s["label"])
         return s
 
+def _hsv(img: torch.Tensor) -> torch.Tensor:
+    "RGB (3, H, W) in [0, 1] -> HSV, hue in [0, 1)."
+    mx, mn = img.max(0).values, img.min(0).values
+    d, (r, g, b) = mx - mn, img
+    safe = d.clamp_min(1e-12)
+    h = torch.where(mx == r, ((g - b) / safe) % 6, torch.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    return torch.stack([torch.where(d > 0, h / 6, torch.zeros_like(h)), torch.where(mx > 0, d / mx.clamp_min(1e-12), torch.zeros_like(mx)), mx])
+
+def _rgb(hsv: torch.Tensor) -> torch.Tensor:
+    "HSV (hue in [0, 1)) -> RGB (3, H, W)."
+    h, s, v = hsv
+    i = torch.floor(h * 6); f = h * 6 - i; i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    pick = lambda *c: torch.stack(c).gather(0, i[None])[0]
+    return torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)])
+
+class ColorAugSSD:
+    """SSD's photometric distortion (detectron2's `ColorAugSSDTransform`, zsseg's `COLOR_AUG_SSD`), each step with
+    probability 0.5, on 0-255 values: brightness ± `brightness`; then contrast, saturation, hue or saturation, hue,
+    contrast; contrast a plain scale in `contrast`, saturation a scale of HSV saturation, hue a shift of ± `hue` OpenCV
+    units (2° each); the image only."""
+    def __init__(self, brightness: float = 32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue: int = 18):
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+    def __call__(self, s):
+        s, img = dict(s), s["image"] * 255
+        coin = lambda: float(torch.rand(())) < 0.5
+        u = lambda a, b: a + (b - a) * float(torch.rand(()))
+        def contrast(x): return (x * u(*self.contrast)).clamp(0, 255) if coin() else x
+        def saturation(x):
+            if not coin(): return x
+            hsv = _hsv(x / 255); hsv[1] = (hsv[1] * u(*self.saturation)).clamp(0, 1)
+            return _rgb(hsv) * 255
+        def hue(x):
+            if not coin(): return x
+            hsv = _hsv(x / 255); hsv[0] = (hsv[0] + int(torch.randint(-self.hue, self.hue + 1, ())) / 180) % 1
+            return _rgb(hsv) * 255
+        if coin(): img = (img + u(-self.brightness, self.brightness)).clamp(0, 255)
+        img = hue(saturation(contrast(img))) if coin() else contrast(hue(saturation(img)))
+        s["image"] = (img / 255).clamp(0, 1)
+        return s
+    def __repr__(self): return "ColorAugSSD()"
+
+def _short_side_size(H: int, W: int, side: int, max_size: int) -> tuple[int, int]:
+    "detectron2's ResizeShortestEdge: short side `side`, long side at most `max_size`, rounded half up."
+    f = side / min(H, W)
+    if max(H, W) * f > max_size: f = max_size / max(H, W)
+    return int(H * f + 0.5), int(W * f + 0.5)
+
+class ShortSideChoice:
+    "Resize image and label so the short side is one of `sides` (drawn uniformly), the long side capped at `max_size`."
+    def __init__(self, sides: Sequence[int], max_size: int = 2048): self.sides, self.max_size = list(sides), max_size
+    def __call__(self, s):
+        from ovseg.data import Resize
+        side = self.sides[int(torch.randint(len(self.sides), ()))]
+        return Resize(size=_short_side_size(*s["image"].shape[-2:], side, self.max_size))(s)
+    def __repr__(self): return f"ShortSideChoice({self.sides}, max_size={self.max_size})"
+
+class RandomCrop:
+    "A random `crop` x `crop` window of image and label (the whole side where the image is smaller)."
+    def __init__(self, crop: int): self.crop = crop
+    def __call__(self, s):
+        s = dict(s); H, W = s["image"].shape[-2:]
+        ch, cw = min(self.crop, H), min(self.crop, W)
+        y, x = int(torch.randint(0, H - ch + 1, ())), int(torch.randint(0, W - cw + 1, ()))
+        for k in ("image", "label"):
+            if k in s: s[k] = s[k][..., y:y + ch, x:x + cw]
+        return s
+    def __repr__(self): return f"RandomCrop({self.crop})"
+
+class PadTo:
+    "Pad image and label at the bottom and right to `size` x `size`: image `fill` (official 128/255), label `ignore_index`."
+    def __init__(self, size: int, fill: float = 128 / 255, ignore_index: int = 255): self.size, self.fill, self.ignore_index = size, fill, ignore_index
+    def __call__(self, s):
+        s = dict(s); H, W = s["image"].shape[-2:]
+        ph, pw = max(self.size - H, 0), max(self.size - W, 0)
+        if ph or pw:
+            s["image"] = F.pad(s["image"], (0, pw, 0, ph), value=self.fill)
+            if "label" in s: s["label"] = F.pad(s["label"], (0, pw, 0, ph), value=self.ignore_index)
+        return s
+    def __repr__(self): return f"PadTo({self.size}, fill={self.fill:.3f})"
+
+def official_train_transform(crop: int, short_sides: Sequence[int], max_size: int = 2048):
+    """zsseg's training augmentation (`MaskFormerSemanticDatasetMapper`): short side one of `short_sides`, a random
+    `crop` window, SSD colour jitter, horizontal flip, then padding to `crop` (image 128/255, label 255)."""
+    from ovseg.data import Compose, RandomHFlip
+    return Compose(ShortSideChoice(short_sides, max_size), RandomCrop(crop), ColorAugSSD(), RandomHFlip(), PadTo(crop))
+
+class ResizeImage:
+    "Evaluation: the image resized to short side `short_side` (long side at most `max_size`); the label kept at its own size."
+    def __init__(self, short_side: int, max_size: int = 2048): self.short_side, self.max_size = short_side, max_size
+    def __call__(self, s):
+        from ovseg.data import Resize
+        out = dict(s)
+        out["image"] = Resize(size=_short_side_size(*s["image"].shape[-2:], self.short_side, self.max_size))({"image": s["image"]})["image"]
+        return out
+    def __repr__(self): return f"ResizeImage({self.short_side}, max_size={self.max_size})"
+
 def zero_shot_data(bench: ZsSegBenchmark, root="data", augment: bool = True):
     """A real zero-shot setting (`ZsSegBenchmark`): the training view (the dataset's `unseen` classes -> 255, images
-    left unlabelled dropped; random short side in `bench.short_side`, `bench.crop` crop, flip, jitter), the evaluation
-    split (every class), the class names and the unseen indices."""
-    from ovseg.data import create_dataset, train_transform
+    left unlabelled dropped; `bench.augment`: the official augmentation or ovseg's), the evaluation split (every class;
+    `bench.eval_resolution`: the image resized to the test short side and the label kept at its size, official, or both
+    resized), the class names (`bench.names`: the dataset's raw names, official, or cleaned) and the unseen indices."""
+    from ovseg.data import Resize, create_dataset, train_transform
     tf = None
-    if augment:
+    if augment and bench.augment == "official": tf = official_train_transform(bench.crop, bench.short_side, bench.max_size)
+    elif augment:
         lo, hi = min(bench.short_side), max(bench.short_side)
         tf = train_transform(bench.crop, (lo / bench.test_short_side, hi / bench.test_short_side), base_size=bench.test_short_side)
     train = create_dataset(bench.dataset, root, bench.train_split, transform=tf, **bench.dataset_kw)
     unseen = list(getattr(train, "unseen", None) or [])
     if not unseen: raise ValueError(f"dataset {bench.dataset!r} defines no unseen classes; zsseg's zero-shot settings are voc20 and coco_stuff171")
     val = create_dataset(bench.dataset, root, bench.val_split, **bench.dataset_kw)
-    return ZeroShotTrainView(train, unseen), val, list(train.class_names), unseen
+    val.transform = ResizeImage(bench.test_short_side, bench.max_size) if bench.eval_resolution == "label" else \
+        Resize(short_side=bench.test_short_side, max_long=bench.max_size)
+    names = list(getattr(train, "raw_class_names", None) or train.class_names) if bench.names == "raw" else list(train.class_names)
+    if len(names) != len(train.class_names): raise ValueError(f"dataset {bench.dataset!r}: {len(names)} raw names for {len(train.class_names)} classes")
+    return ZeroShotTrainView(train, unseen), val, names, unseen
 
 # %% ../nbs/10_twostage.ipynb #96a4b33d
 def _text_tower(text_encoder):
@@ -83,6 +195,13 @@ def _text_tower(text_encoder):
         raise NotImplementedError(f"learned prompts need an open_clip CLIP text tower (token_embedding, transformer, "
                                   f"ln_final), got {type(m).__name__}")
     return m
+
+def _special_ids(tok) -> tuple[int, int]:
+    enc = getattr(tok, "encoder", {}) or {}
+    sot, eot = getattr(tok, "sot_token_id", None) or enc.get("<start_of_text>"), getattr(tok, "eot_token_id", None) or enc.get("<end_of_text>")
+    if sot is None or eot is None or not hasattr(tok, "encode"):
+        raise NotImplementedError(f"learned prompts need CLIP's BPE tokenizer (encode, start/end-of-text ids), got {type(tok).__name__}")
+    return int(sot), int(eot)
 
 class PromptLearner(nn.Module):
     "`n_ctx` learned context vectors in front of each class name, through a frozen open_clip text tower."
@@ -99,23 +218,94 @@ class PromptLearner(nn.Module):
         with torch.no_grad(): pl.ctx.copy_(m.token_embedding.weight[torch.tensor(ids)])
         return pl
 
+    def token_ids(self, names: Sequence[str], tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "(K, length) ids `[SOS] 0×n name . [EOS] 0…` (the zeros after SOS are the context slots) and (K,) end-of-text positions."
+        sot, eot = _special_ids(tokenizer)
+        n, dot, rows, ends = len(self.ctx), tokenizer.encode("."), [], []
+        for name in names:
+            row = [sot] + [0] * n + tokenizer.encode(name) + dot + [eot]
+            if len(row) > length: raise ValueError(f"class name {name!r} with {n} context vectors needs {len(row)} tokens, more than "
+                                                   f"the text tower's context length {length}; use fewer context vectors (prompt_context)")
+            rows.append(row + [0] * (length - len(row))); ends.append(len(row) - 1)
+        return torch.tensor(rows), torch.tensor(ends)
+
+    def embed(self, names: Sequence[str], text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
+        "The text transformer's input (K, L, width): token embeddings with the context vectors at positions 1..n; and the end-of-text positions."
+        m = _text_tower(text_encoder)
+        ids, ends = self.token_ids(names, text_encoder.tokenizer, int(m.positional_embedding.shape[0]))
+        x = m.token_embedding(ids.to(self.ctx.device))
+        n = len(self.ctx)
+        return torch.cat([x[:, :1], self.ctx.to(x.dtype).expand(len(names), -1, -1), x[:, 1 + n:]], 1), ends.to(x.device)
+
     def forward(self, names: Sequence[str], text_encoder) -> torch.Tensor:
         "(K, D) L2-normalised text embeddings of `names` (differentiable in `ctx`)."
-        m, tok = _text_tower(text_encoder), text_encoder.tokenizer
-        n = len(self.ctx)
-        L = int(m.positional_embedding.shape[0])
-        for name in names:
-            need = n + len(tok.encode(f"{name}.")) + 2
-            if need > L: raise ValueError(f"class name {name!r} with {n} context vectors needs {need} tokens, more than the "
-                                          f"text tower's context length {L}; use fewer context vectors (prompt_context)")
-        ids = tok([" ".join(["X"] * n) + f" {name}." for name in names]).to(self.ctx.device)
-        x = m.token_embedding(ids)
-        x = torch.cat([x[:, :1], self.ctx.to(x.dtype).expand(len(names), -1, -1), x[:, 1 + n:]], 1)
+        m = _text_tower(text_encoder)
+        x, ends = self.embed(names, text_encoder)
         x = m.transformer(x + m.positional_embedding.to(x.dtype), attn_mask=m.attn_mask)
-        x = m.ln_final(x)[torch.arange(len(names), device=x.device), ids.argmax(-1)]
+        x = m.ln_final(x)[torch.arange(len(names), device=x.device), ends]
         proj = m.text_projection
         x = proj(x) if isinstance(proj, nn.Linear) else (x @ proj if proj is not None else x)
         return F.normalize(x, dim=-1)
+
+
+# %% ../nbs/10_twostage.ipynb #b927e364
+import math
+
+class PromptSamples(torch.utils.data.Dataset):
+    """The learned-prompt step's data: for each seen class of `view` (a `ZeroShotTrainView`), up to `per_class` of its
+    images that contain the class (a seeded draw); each sample is that image cut to the class's bounding box and resized
+    to `size`, with a label holding only that class (255 elsewhere)."""
+    def __init__(self, view: "ZeroShotTrainView", per_class: int = 128, size: int = 224, seed: int = 0):
+        self.view, self.size, self.class_names = view, size, view.class_names
+        present: dict[int, list[int]] = {}
+        for k, i in enumerate(view.index):
+            for c in view._label(view._full_label(i)).unique().tolist():
+                if c != view.ignore_index: present.setdefault(int(c), []).append(k)
+        g = torch.Generator().manual_seed(seed)
+        self.items = [(present[c][j], c) for c in sorted(present)
+                      for j in sorted(torch.randperm(len(present[c]), generator=g)[:per_class].tolist())]
+    def __len__(self): return len(self.items)
+    def __getitem__(self, j):
+        from ovseg.data import Resize
+        k, c = self.items[j]
+        s = dict(self.view[k])
+        on = s["label"] == c
+        if not on.any(): return Resize(size=(self.size, self.size))({"image": s["image"], "label": torch.full_like(s["label"], 255)})
+        ys, xs = on.any(1).nonzero()[:, 0], on.any(0).nonzero()[:, 0]
+        box = (..., slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
+        label = torch.where(on, s["label"], torch.full_like(s["label"], 255))
+        return Resize(size=(self.size, self.size))({"image": s["image"][box], "label": label[box]})
+
+def prompt_lr(step: int, total: int, lr: float, warmup: int = 100, factor: float = 0.005) -> float:
+    "detectron2's WarmupCosineLR with a constant warm-up (the official prompt schedule): lr · w · ½(1 + cos(π·step/total)), w = `factor` for the first `warmup` steps."
+    return lr * (factor if step < warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+def train_prompts(model: "ZsSeg", dataset, tcfg, seed: int = 0, num_workers: int = 0) -> list[float]:
+    """Train the crop classifier's learned prompts of `model` on `dataset` (labels index `class_names`, e.g. `PromptSamples`)
+    with `model.prompt_loss`: SGD momentum 0.9, `tcfg.lr`, `tcfg.weight_decay`, `tcfg.batch_size`, `tcfg.max_steps`,
+    `prompt_lr` with `tcfg.warmup_steps`; then freeze them (as the official `PROMPT_CHECKPOINT` does). Returns the losses."""
+    from ovseg.data import collate
+    learner = model.crop_text_learner
+    if learner is None: raise ValueError("the model has no learned prompts (config.prompt / crop_prompt = 'learned')")
+    if len(dataset) == 0: raise ValueError("no prompt-training samples: the dataset has no seen-class pixels")
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate, num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) >= tcfg.batch_size)
+    learner.requires_grad_(True)
+    opt = torch.optim.SGD(learner.parameters(), lr=tcfg.lr, momentum=0.9, weight_decay=tcfg.weight_decay)
+    losses, step = [], 0
+    while step < tcfg.max_steps:
+        for batch in loader:
+            for g in opt.param_groups: g["lr"] = prompt_lr(step, tcfg.max_steps, tcfg.lr, tcfg.warmup_steps)
+            loss = model.prompt_loss(batch)
+            opt.zero_grad(); loss.backward()
+            if tcfg.grad_clip > 0: torch.nn.utils.clip_grad_norm_(learner.parameters(), tcfg.grad_clip)
+            opt.step(); losses.append(float(loss.detach())); step += 1
+            if step >= tcfg.max_steps: break
+    opt.zero_grad(set_to_none=True)
+    learner.requires_grad_(False)
+    return losses
+
 
 # %% ../nbs/10_twostage.ipynb #a9d78ce3
 def _spec_kwargs(spec: str, weights: dict) -> dict:
@@ -184,14 +374,25 @@ class ZsSeg(nn.Module):
         self.no_object = nn.Parameter(torch.randn(1, config.embed_dim) * tw ** -0.5)
         self.criterion = SetCriterion(HungarianMatcher(config.class_weight, config.focal_weight, config.dice_weight),
                                       config.no_object_weight, config.class_weight, config.focal_weight, config.dice_weight)
-        self.prompt = PromptLearner(_text_tower(clip_text).token_embedding.weight.shape[1], config.prompt_context) \
-            if config.prompt == "learned" else None
+        width = lambda: _text_tower(clip_text).token_embedding.weight.shape[1]
+        if config.prompt == "learned" and config.crop_prompt == "learned":
+            raise ValueError("prompt='learned' already gives the crop classifier learned prompts; crop_prompt='learned' is for a "
+                             "template query head (official VOC); set crop_prompt='same'")
+        self.prompt = PromptLearner(width(), config.prompt_context) if config.prompt == "learned" else None
+        self.crop_prompt = PromptLearner(width(), config.prompt_context) if config.crop_prompt == "learned" else None
+        if config.train_backbone:                     # the official backbone trains (lr x0.1 via train.groups), FrozenBN
+            self.frozen_prefixes = ("clip_visual.", "clip_text.")
+            for mod in backbone.modules():
+                norm = isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+                for p in mod.parameters(recurse=False): p.requires_grad_(not norm)
+        if config.no_object_decay: self.no_decay = tuple(n for n in type(self).no_decay if n != "no_object")
         self._name_cache: dict[str, torch.Tensor] = {}
+        self._learned_cache: dict[int, tuple] = {}
         self.last_losses: dict[str, float] = {}
 
     def frozen_encoders(self) -> dict:
-        "The frozen encoders (their weights hashes are recorded by `save_pretrained`)."
-        return {"backbone": self.backbone, "clip": self.clip_visual}
+        "The frozen encoders (their weights hashes are recorded by `save_pretrained`); a trained backbone is saved instead."
+        return {"clip": self.clip_visual} if self.config.train_backbone else {"backbone": self.backbone, "clip": self.clip_visual}
 
     @property
     def device(self) -> torch.device: return self.no_object.device     # every head has it (per_pixel: unused)
@@ -204,18 +405,43 @@ class ZsSeg(nn.Module):
         return [n for i, n in enumerate(self.config.class_names) if i not in held]
 
     def seen_flags(self, names: Sequence[str]) -> torch.Tensor:
-        "(K,) bool: which of `names` were seen in training (trust the proposal classifier on them); compared by `name_key`."
+        """(K,) bool: which of `names` were seen in training (trust the proposal classifier on them); compared by `name_key`.
+        `seen_names="vocabulary"` (official): only a name list that is the training vocabulary has seen classes; the names
+        of any other list (another dataset, cross-dataset) are all unseen, as the official dataset metadata has them."""
         seen = {name_key(n) for n in self.seen_classes}
+        if self.config.seen_names == "vocabulary" and {name_key(n) for n in names} != {name_key(n) for n in self.config.class_names}:
+            return torch.zeros(len(names), dtype=torch.bool)
         return torch.tensor([name_key(n) in seen for n in names], dtype=torch.bool)
 
     def class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
         "(K, D) L2-normalised CLIP text embeddings (template ensemble, cached per name; or learned prompts)."
-        if self.prompt is not None: return self.prompt(list(names), self.clip_text)
+        if self.prompt is not None: return self._learned_text(self.prompt, names)
         missing = list(dict.fromkeys(n for n in names if n not in self._name_cache))
         if missing:
             emb = self.clip_text.encode_classes(missing, templates=self.config.templates)   # a registered set or a list
             self._name_cache.update(zip(missing, emb.float().cpu()))
         return torch.stack([self._name_cache[n] for n in names]).to(self.device)
+
+    def crop_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        "(K, D) text of the CLIP crop classifier: the query head's, or its own learned prompts (`crop_prompt='learned'`)."
+        if self.crop_prompt is None: return self.class_embeddings(names)
+        return self._learned_text(self.crop_prompt, names)
+
+    def _learned_text(self, learner: PromptLearner, names: Sequence[str]) -> torch.Tensor:
+        "Learned-prompt text: differentiable while the context trains; otherwise cached per name until the context changes."
+        if torch.is_grad_enabled() and learner.ctx.requires_grad: return learner(list(names), self.clip_text)
+        key = (id(learner), learner.ctx._version, learner.ctx.data_ptr())
+        cache = self._learned_cache.get(id(learner))
+        if cache is None or cache[0] != key: cache = self._learned_cache[id(learner)] = (key, {})
+        missing = list(dict.fromkeys(n for n in names if n not in cache[1]))
+        if missing:
+            with torch.no_grad(): cache[1].update(zip(missing, learner(missing, self.clip_text).float()))
+        return torch.stack([cache[1][n] for n in names]).to(self.device)
+
+    @property
+    def crop_text_learner(self) -> PromptLearner | None:
+        "The learned prompts the CLIP crop classifier reads (what the learned-prompt step trains), if any."
+        return self.crop_prompt if self.crop_prompt is not None else self.prompt
 
     def query_logits(self, embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         "(..., Q, D) query embeddings, (K, D) text -> (..., Q, K+1) = scale · cos vs [text ; no-object]."
@@ -225,8 +451,18 @@ class ZsSeg(nn.Module):
     # --- stage 1 ------------------------------------------------------------------------------
     def _taps(self, batch) -> dict[int, torch.Tensor]:
         if all(f"tap_{s}" in batch for s in self.config.taps):
+            if self.config.train_backbone: raise ValueError("train_backbone: precomputed backbone taps (tap_*) would not train "
+                                                            "the backbone; pass images only")
             return {s: batch[f"tap_{s}"].to(self.device).float() for s in self.config.taps}
-        return {s: t.to(self.device) for s, t in self.backbone(batch["image"].to(self.device)).taps.items()}
+        images = batch["image"].to(self.device)
+        if self.config.train_backbone and torch.is_grad_enabled():   # the encoder's own forward is inference-only
+            b = self.backbone
+            x = b.normalise(images.float())
+            H, W = x.shape[-2:]
+            ph, pw = (-H) % b.pad_to, (-W) % b.pad_to
+            taps = b._forward(F.pad(x, (0, pw, 0, ph)) if ph or pw else x)[2]
+            return {s: taps[s][..., :-(-H // s), :-(-W // s)] for s in self.config.taps}
+        return {s: t.to(self.device) for s, t in self.backbone(images).taps.items()}
 
     def _pad(self, images01: torch.Tensor) -> torch.Tensor:
         B, _, H, W = images01.shape
@@ -314,7 +550,7 @@ class ZsSeg(nn.Module):
         if lam > 0 and not self.config.class_names:
             raise ValueError("this model has no training vocabulary (config.class_names), so it cannot tell seen from "
                              "unseen classes; set class_names/unseen, or use lam <= 0 (CLIP only)")
-        cl, valid = self.classify_masks(images01, mask_logits.sigmoid(), text)
+        cl, valid = self.classify_masks(images01, mask_logits.sigmoid(), self.crop_embeddings(names))
         return two_stage_ensemble(ql, cl, valid, self.seen_flags(names), lam)
 
     @torch.no_grad()
@@ -340,22 +576,24 @@ class ZsSeg(nn.Module):
         "CLIP on given proposals (e.g. `oracle_masks`): log(Σ_q p_c · mask) (B, K, H, W); empty proposals are dropped."
         names = _check_names(class_names)
         images01, mask_probs = images01.to(self.device).float(), mask_probs.to(self.device).float()
-        cl, valid = self.classify_masks(images01, mask_probs, self.class_embeddings(names))
+        cl, valid = self.classify_masks(images01, mask_probs, self.crop_embeddings(names))
         p = cl.softmax(-1) * valid[..., None]
         return torch.einsum("bqk,bqhw->bkhw", p, mask_probs).clamp_min(1e-8).log()
 
     def prompt_loss(self, batch) -> torch.Tensor:
-        "Learned-prompt step (official, before stage 1): CE of CLIP on ground-truth crops of seen classes vs the prompts."
-        if self.prompt is None: raise ValueError("prompt_loss needs config.prompt='learned'")
+        """Learned-prompt step (official, before stage 1): CE over the seen classes of CLIP on ground-truth crops of seen
+        classes against the crop classifier's learned prompts (`crop_text_learner`)."""
+        learner = self.crop_text_learner
+        if learner is None: raise ValueError("prompt_loss needs learned prompts: config.prompt='learned' or crop_prompt='learned'")
         seen = self.seen_classes
         K = len(self.config.class_names)
         label = batch["label"].to(self.device).long()
         masks = oracle_masks(label, K)[:, [i for i in range(K) if i not in set(self.config.unseen)]]
         crops, valid = mask_crops(batch["image"].to(self.device).float(), masks, 0.5, self.clip_visual.mean, self.crop_size)
-        if not valid.any(): return self.prompt.ctx.sum() * 0.0
+        if not valid.any(): return learner.ctx.sum() * 0.0
         with torch.no_grad(): feats = F.normalize(self.clip_visual(crops[valid]).global_.to(self.device).float(), dim=-1)
         target = valid.nonzero()[:, 1]
-        return F.cross_entropy(self.config.logit_scale * feats @ self.prompt(seen, self.clip_text).T, target)
+        return F.cross_entropy(self.config.logit_scale * feats @ learner(seen, self.clip_text).T, target)
 
 # %% ../nbs/10_twostage.ipynb #645377bf
 ABLATION_ROWS = {"proposals": "proposal classifier only", "clip": "CLIP on crops only",
@@ -382,9 +620,12 @@ def ablation_scores(model: ZsSeg, dataset, unseen: Sequence[int], lams: Sequence
     if bad: raise ValueError(f"unknown oracle rows {sorted(bad)}; choose among 'oracle_masks', 'oracle_classes'")
     K, n = len(names), len(dataset) if limit is None else min(limit, len(dataset))
     metrics: dict[str, SemanticMetric] = {}
-    def update(row, scores, label): metrics.setdefault(row, SemanticMetric(K)).update(scores.cpu(), label)
+    def update(row, scores, label):
+        if scores.shape[-2:] != label.shape[-2:]:   # a resized image, its original label: scored at the label's size (official)
+            scores = F.interpolate(scores.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        metrics.setdefault(row, SemanticMetric(K)).update(scores.cpu(), label)
     model.eval()
-    text, seen = model.class_embeddings(names), model.seen_flags(names)
+    text, crop_text, seen = model.class_embeddings(names), model.crop_embeddings(names), model.seen_flags(names)
     for s in range(0, n, batch_size):
         b = collate([dataset[i] for i in range(s, min(n, s + batch_size))])
         x, label = b["image"].to(model.device).float(), b["label"].long()
@@ -393,11 +634,13 @@ def ablation_scores(model: ZsSeg, dataset, unseen: Sequence[int], lams: Sequence
         emb, mask_logits = model.proposals(x)
         m = mask_logits.sigmoid()
         ql = model.query_logits(emb, text)
-        cl, valid = model.classify_masks(x, m, text)
+        cl, valid = model.classify_masks(x, m, crop_text)
         sem = lambda p: torch.einsum("bqk,bqhw->bkhw", p, m)
         update("proposals", sem(two_stage_ensemble(ql, None, None, seen, None)), label)
         update("clip", sem(two_stage_ensemble(ql, cl, valid, seen, 0.0)), label)
         for lam in lams: update(ensemble_row(lam), sem(two_stage_ensemble(ql, cl, valid, seen, lam)), label)
+        if x.shape[-2:] != label.shape[-2:] and set(oracles):
+            raise ValueError("oracle rows need the label at the image's size; pass oracles=() when scoring at the original label size")
         if "oracle_masks" in oracles: update("oracle_masks", model.predict_with_masks(x, names, oracle_masks(label, K)), label)
         if "oracle_classes" in oracles: update("oracle_classes", sem(oracle_classes(m, label.to(m.device), K)), label)
     out = {}

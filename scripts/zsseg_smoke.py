@@ -1,7 +1,7 @@
 """Preliminary fold-0 smoke run of zsseg on the embedded world (not run by CI or DVC).
 
 Trains (or reuses) an embedded CLIP, measures how well it classifies ground-truth object crops
-(the precondition of METHODS.md §1.6), trains the zsseg proposer on the seen classes of one fold
+(the precondition of the embedded protocol, docs/zsseg.md), trains the zsseg proposer on the seen classes of one fold
 (frozen EfficientNet-Lite0 taps precomputed once) with `ovseg.train.fit`, and scores val with
 mIoU-seen / unseen / hIoU / pAcc for: proposal classifier only, CLIP on crops only, the ensemble
 (λ 0.8 and 0.7), oracle masks + CLIP, predicted masks + oracle classes.

@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 from ovseg.core import TrainConfig
 from ovseg.testing import ToyConfig, ToyData, ToyModel
-from ovseg.train import (fit, from_pretrained, lr_at, register_arch,
+from ovseg.train import (fit, from_pretrained, group_schedule, lr_at, param_groups, register_arch,
                          save_pretrained, save_checkpoint, wd_at, EpochSampler, ARCHS)
 
 torch.set_num_threads(1)
@@ -42,6 +43,21 @@ def test_schedules():
     assert wds[0] == pytest.approx(0.01) and wds[-1] == pytest.approx(0.4)
     assert all(a <= b for a, b in zip(wds, wds[1:]))
     assert wd_at(total // 2, total + 1, 0.0, 1.0) == pytest.approx(0.5)
+
+
+def test_poly_schedule():
+    "detectron2's WarmupPolyLR: base * factor * (1 - it/max_it)^0.9 (factor: linear warm-up, 1 after); control: not cosine."
+    total, base = 1000, 1e-4
+    for step in (0, 1, 250, 500, 999):
+        assert lr_at(step, total, base, schedule="poly") == pytest.approx(base * (1 - step / total) ** 0.9, rel=1e-12)
+    assert lr_at(500, total, base, schedule="poly") == pytest.approx(5.358867e-05, rel=1e-6)   # 1e-4 * 0.5^0.9
+    assert lr_at(500, total, base) == pytest.approx(5e-05)                                     # the cosine at t = 0.5
+    assert lr_at(4, total, base, warmup=10, schedule="poly") == pytest.approx(base * 0.5 * (1 - 4 / total) ** 0.9)
+    assert lr_at(total, total, base, schedule="poly") == 0.0
+    from ovseg.core import ParamGroupConfig
+    m = nn.Linear(3, 3)
+    g = param_groups(m, {"all": ParamGroupConfig(prefixes=[""], lr=base, schedule="poly")})[0]
+    assert group_schedule(g, 250, total, 1.0, 0.0)[0] == pytest.approx(base * 0.75 ** 0.9)
 
 
 def test_sampler_partitions_and_skips():

@@ -1,4 +1,6 @@
 "The zsseg two-stage model (ovseg.twostage): training, prediction, save/load, prompts, bad input."
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -302,6 +304,14 @@ def test_params_zsseg_sections():
         ("coco_stuff171", 0.8, 60000, 32, 640, 640)
     t = pap.train
     assert (t.lr, t.weight_decay, t.grad_clip) == (1e-4, 1e-4, 0.01)
+    assert {n: (g.prefixes, g.lr, g.schedule, g.weight_decay) for n, g in t.groups.items()} == \
+        {"backbone": (["backbone."], 1e-5, "poly", 1e-4), "rest": ([""], 1e-4, "poly", 1e-4)}        # poly, backbone x0.1
+    assert dataclasses.replace(pap.model, **coco.model, lam=coco.lam) == paper_config("coco-stuff")
+    assert (voc.names, voc.augment, voc.eval_resolution, voc.prompt_steps, coco.prompt_steps) == ("raw", "official", "label", 3200, 16000)
+    pt = pap.prompt_train
+    assert (pt.lr, pt.weight_decay, pt.batch_size, pt.warmup_steps) == (0.02, 5e-4, 32, 100)
+    m = emb.model                                                      # the embedded profile keeps its settings
+    assert (m.prompt, m.crop_prompt, m.train_backbone, m.no_object_decay, m.seen_names) == ("templates", "same", False, False, "by_name")
 
 
 def test_zero_shot_data_on_real_layouts(tmp_path):
@@ -325,7 +335,12 @@ def test_zero_shot_data_on_real_layouts(tmp_path):
     bench = ZsSegBenchmark(dataset="voc20", dataset_kw={"mask_dir": "SegmentationClassAug"}, crop=8, short_side=[8, 16],
                            test_short_side=8)
     train, val, names, unseen = zero_shot_data(bench, tmp_path)
-    assert len(names) == 20 and [names[u] for u in unseen] == ["potted plant", "sheep", "sofa", "train", "tv monitor"]
+    assert len(names) == 20 and [names[u] for u in unseen] == ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]   # official raw names
+    clean = zero_shot_data(dataclasses.replace(bench, names="clean"), tmp_path)[2]
+    assert [clean[u] for u in unseen] == ["potted plant", "sheep", "sofa", "train", "tv monitor"]               # the older option
+    assert val[0]["label"].shape == (8, 8) and zero_shot_data(dataclasses.replace(bench, test_short_side=4), tmp_path)[1][0]["image"].shape == (3, 4, 4)
+    assert zero_shot_data(dataclasses.replace(bench, test_short_side=4), tmp_path)[1][0]["label"].shape == (8, 8)   # label at its size
+    assert zero_shot_data(dataclasses.replace(bench, test_short_side=4, eval_resolution="test"), tmp_path)[1][0]["label"].shape == (4, 4)
     assert [train.dataset.items[i][2] for i in train.index] == ["a", "d"]            # b: only unseen + background, c: nothing
     a = zero_shot_data(bench, tmp_path, augment=False)[0][0]["label"]
     assert sorted(a.unique().tolist()) == [0, 255]                                     # aeroplane kept, pottedplant ignored
@@ -372,3 +387,284 @@ def test_ablation_scores_match_predict(clipdir, world):
     with pytest.raises(ValueError, match="unknown oracle"): ablation_scores(model, val, unseen, oracles=("oracle_boxes",))
     assert choose_lam({ensemble_row(0.5): {"hIoU": 2.0}, ensemble_row(0.7): {"hIoU": 2.0}}, [0.5, 0.7]) == 0.5   # ties: the first
     with pytest.raises(ValueError, match="no ensemble rows"): choose_lam(scores, [0.6])
+
+
+# --- the headline recipe (issue #25): learned-prompt text path, backbone, decay, seen names, evaluation, augmentation ---
+
+def _official_prompt_feature(model, ctx, name, tok, dot_after=True):
+    """The official LearnablePromptExtractor (zsseg.baseline@d77c3af text_prompt.py:75-152) written from its equations:
+    start/dot/end/pad signals are the token embeddings of "X." at positions 0, 2, 3, 4; the noun is tokenize(name) without
+    its start/end tokens; [start, ctx, noun, dot, end] + pad to the context length; feature at position len - 1."""
+    L = model.positional_embedding.shape[0]
+    emb = model.token_embedding(tok(["X."]))[0]
+    start, dot, end, pad = emb[:1], emb[2:3], emb[3:4], emb[4:5]
+    ids = tok([name])[0]
+    n_name = int((ids != 0).sum()) - 2
+    noun = model.token_embedding(ids[1:1 + n_name])
+    parts = [start, ctx, noun, dot, end] if dot_after else [start, noun, ctx, dot, end]   # control: ctx after the name
+    seq = torch.cat(parts)
+    length = len(seq)
+    seq = torch.cat([seq, pad.expand(L - length, -1)])[None]
+    x = model.transformer(seq + model.positional_embedding, attn_mask=model.attn_mask)
+    x = model.ln_final(x)[0, length - 1] @ model.text_projection
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_learned_prompt_token_layout_matches_the_official_equations():
+    import open_clip
+    from ovseg.encoders import OpenClipTextEncoder
+    from ovseg.testing import tiny_clip
+    clip = tiny_clip()
+    tok = open_clip.get_tokenizer("ViT-B-16", context_length=16)
+    text = OpenClipTextEncoder(clip, tok, "tiny")
+    torch.manual_seed(0)
+    pl = PromptLearner(32, n_ctx=4)
+    assert abs(float(PromptLearner(512, 16).ctx.detach().std()) - 0.02) < 0.002          # official init N(0, 0.02), 16 x 512
+    names = ["cat", "tv monitor", "pottedplant"]
+    ids, ends = pl.token_ids(names, tok, 16)
+    for row, end, name in zip(ids.tolist(), ends.tolist(), names):
+        body = tok.encode(name)
+        expect = [49406] + [0] * 4 + body + [269] + [49407]                          # [SOS] ctx x4 name . [EOS]
+        assert row == expect + [0] * (16 - len(expect)) and end == len(expect) - 1   # then id-0 padding
+    x, _ = pl.embed(names, text)
+    assert torch.equal(x[:, 1:5], pl.ctx.detach().expand(3, -1, -1).to(x.dtype)) or torch.allclose(x[:, 1:5], pl.ctx.expand(3, -1, -1))
+    pad0 = clip.token_embedding.weight[0]
+    assert torch.allclose(x[1, int(ends[1]) + 1:], pad0.expand(16 - int(ends[1]) - 1, -1))
+    with torch.no_grad():
+        ours = pl(names, text)
+        ref = torch.stack([_official_prompt_feature(clip, pl.ctx, n, tok) for n in names])
+        wrong = torch.stack([_official_prompt_feature(clip, pl.ctx, n, tok, dot_after=False) for n in names])
+    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+    assert (ours - wrong).abs().max() > 1e-2                                         # control: the layout matters
+
+
+def test_learned_prompts_only_context_trains(clipdir, world):
+    "The prompt step moves only the context vectors, then freezes them; stage 1 neither trains nor optimises them."
+    from ovseg.core import TrainConfig
+    from ovseg.train import param_groups
+    from ovseg.twostage import PromptSamples, prompt_lr, train_prompts
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world, prompt="learned", prompt_context=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    view = ZeroShotTrainView(WorldSemantic(world, "train", background="ignore", fold=0, novel="ignore"))
+    samples = PromptSamples(view, per_class=2, size=32, seed=0)
+    assert len(samples) <= 2 * len(model.seen_classes) and all(c not in world.novel_classes(0) for _, c in samples.items)
+    s = samples[0]
+    assert s["image"].shape == (3, 32, 32) and set(s["label"].unique().tolist()) <= {samples.items[0][1], 255}
+    losses = train_prompts(model, samples, TrainConfig(max_steps=12, batch_size=8, lr=0.02, weight_decay=5e-4, warmup_steps=2))
+    assert len(losses) == 12 and not model.prompt.ctx.requires_grad
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"prompt.ctx"}, changed
+    assert prompt_lr(0, 12, 0.02, 2) == pytest.approx(0.02 * 0.005) and prompt_lr(6, 12, 0.02, 2) == pytest.approx(0.01)
+    model.training_loss(_batch(world)).backward()
+    assert model.prompt.ctx.grad is None
+    assert not any(p is model.prompt.ctx for g in param_groups(model) for p in g["params"])
+
+
+def test_voc_crop_prompts_are_separate(clipdir, world):
+    "VOC: the query head keeps its template, the crop classifier reads its own learned prompts (the prompt step trains those)."
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world, templates=["a sculpture of a {}."], crop_prompt="learned", prompt_context=4))
+    assert model.prompt is None and model.crop_text_learner is model.crop_prompt
+    names = world.class_names[:4]
+    q, c = model.class_embeddings(names), model.crop_embeddings(names)
+    assert torch.allclose(q, model.clip_text.encode_classes(names, templates=["a sculpture of a {}."]).float(), atol=1e-5)
+    assert (q - c).abs().max() > 1e-3
+    model.prompt_loss(_batch(world)).backward()
+    assert model.crop_prompt.ctx.grad is not None and model.crop_prompt.ctx.grad.abs().sum() > 0
+    plain = ZsSeg(_cfg(clipdir, world, templates=["a sculpture of a {}."]))
+    assert torch.allclose(plain.crop_embeddings(names), plain.class_embeddings(names))   # control: crop_prompt same
+    with pytest.raises(ValueError, match="crop_prompt='same'"):
+        ZsSeg(_cfg(clipdir, world, prompt="learned", crop_prompt="learned"))
+
+
+def test_no_object_weight_decay(clipdir, world):
+    from ovseg.train import param_groups
+    def decayed(model):
+        return any(p is model.no_object for g in param_groups(model) if g.get("decay") for p in g["params"])
+    assert decayed(ZsSeg(_cfg(clipdir, world, no_object_decay=True)))       # official: weight decay 1e-4 on it
+    assert not decayed(ZsSeg(_cfg(clipdir, world)))                          # control: the older rule (no decay)
+
+
+def test_cross_dataset_names_are_unseen(clipdir, world):
+    names = list(world.class_names)
+    novel = set(world.novel_classes(0))
+    official = ZsSeg(_cfg(clipdir, world, seen_names="vocabulary"))
+    flags = official.seen_flags(names[::-1])                                # the training vocabulary, any order
+    assert flags.tolist() == [i not in novel for i in range(len(names))][::-1]
+    other = names[:5] + ["pink hexagon"]                                     # another dataset's list
+    assert not official.seen_flags(other).any()
+    assert ZsSeg(_cfg(clipdir, world)).seen_flags(other)[:5].tolist() == [i not in novel for i in range(5)]   # control: by name
+
+
+class TinyTapsBN(TinyTaps):
+    "TinyTaps with a BatchNorm (detectron2's R-103 keeps its BatchNorms frozen)."
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.bn = nn.BatchNorm2d(8)
+        self.name = "tiny-taps-bn"
+        self.freeze()
+    def _forward(self, x):
+        a = self.bn(self.c8(x)); b = torch.relu(self.c16(a)); c = torch.relu(self.c32(b))
+        return a, c.mean((2, 3)), {8: a, 16: b, 32: c}
+
+
+register_encoder("test-tiny-taps-bn", "visual", lambda ident="", **kw: TinyTapsBN(**kw), "test double with BatchNorm")
+
+
+def test_trainable_backbone(clipdir, world, tmp_path):
+    from ovseg.core import ConfigError, ParamGroupConfig, TrainConfig, ZsSegSettings, check_zsseg
+    from ovseg.train import from_pretrained, param_groups, save_pretrained
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world, backbone="test-tiny-taps-bn", train_backbone=True))
+    batch = _batch(world)
+    model.training_loss(batch).backward()
+    assert model.backbone.c8.weight.grad is not None and model.backbone.c8.weight.grad.abs().sum() > 0
+    assert model.backbone.bn.weight.grad is None and not model.backbone.bn.training          # frozen BatchNorm
+    groups = {"backbone": ParamGroupConfig(prefixes=["backbone."], lr=1e-5), "rest": ParamGroupConfig(prefixes=[""], lr=1e-4)}
+    lrs = {g["group"]: g["lr"] for g in param_groups(model, groups) if g["params"]}
+    assert lrs == {"backbone": 1e-5, "rest": 1e-4}                                            # the backbone at 0.1x
+    with torch.no_grad(): model.backbone.c8.weight.add_(1.0)
+    save_pretrained(model.eval(), tmp_path / "m")
+    back = from_pretrained(tmp_path / "m")
+    assert torch.equal(back.backbone.c8.weight, model.backbone.c8.weight)                     # the trained backbone is saved
+    with pytest.raises(ValueError, match="precomputed"):
+        model.training_loss({**batch, **{f"tap_{s}": t for s, t in model.backbone(batch["image"]).taps.items()}})
+    frozen = ZsSeg(_cfg(clipdir, world, backbone="test-tiny-taps-bn"))                        # control: frozen by default
+    frozen.training_loss(batch).backward()
+    assert frozen.backbone.c8.weight.grad is None
+    with pytest.raises(ConfigError, match="train.groups"):
+        check_zsseg(ZsSegSettings(model=ZsSegConfig(train_backbone=True)))
+    check_zsseg(ZsSegSettings(model=ZsSegConfig(train_backbone=True), train=TrainConfig(groups=groups),
+                              baseline_train=TrainConfig(groups=groups)))
+
+
+def test_evaluation_at_the_labels_resolution(clipdir, world):
+    """Official (zero_shot_mask_former_model.py:221-231): the semantic map at the test size is resized (bilinear) to the
+    original label and scored there. A proposer that returns each image's ground-truth masks (at the test size) makes it
+    checkable: every pixel right at the test size (the older protocol, the control), not quite after the upsampling."""
+    import torch.nn.functional as F
+    from ovseg.maskgen import oracle_masks, two_stage_ensemble
+    from ovseg.metrics import SemanticMetric
+    from ovseg.twostage import ResizeImage, ablation_scores
+    torch.manual_seed(0)
+    model = ZsSeg(_cfg(clipdir, world)).eval()
+    val, K, names = WorldSemantic(world, "val", background="ignore"), 30, list(world.class_names)
+    tf = ResizeImage(40)
+    class Small(torch.utils.data.Dataset):
+        class_names = val.class_names
+        def __len__(self): return 4
+        def __getitem__(self, i): return tf(val[i])
+    s0 = Small()[0]
+    assert s0["image"].shape[-2:] == (40, 40) and s0["label"].shape == (64, 64)
+    small = [F.interpolate(Small()[i]["label"][None, None].float(), size=(40, 40), mode="nearest-exact")[0].long() for i in range(4)]
+    text = model.class_embeddings(names)
+    queue = iter(small)
+    def perfect(x, taps=None):
+        return text[None].clone(), oracle_masks(next(queue), K).float() * 40 - 20
+    model.proposals = perfect
+    unseen = world.novel_classes(0)
+    rows = ablation_scores(model, Small(), unseen, lams=(), batch_size=1, oracles=())
+    ours, old = SemanticMetric(K), SemanticMetric(K)
+    for i in range(4):
+        emb, logits = text[None], oracle_masks(small[i], K).float() * 40 - 20
+        sem = torch.einsum("bqk,bqhw->bkhw", two_stage_ensemble(model.query_logits(emb, text), None, None, [], None), logits.sigmoid())
+        ours.update(F.interpolate(sem, size=(64, 64), mode="bilinear", align_corners=False), Small()[i]["label"][None])
+        old.update(sem, small[i])
+    r, o = ours.compute(unseen=unseen), old.compute(unseen=unseen)
+    for k in ("pAcc", "mIoU", "mIoU_seen", "mIoU_unseen"):
+        assert rows["proposals"][k] == pytest.approx(100 * r[k], abs=1e-6)
+    assert ours.confmat.sum() == sum(int((Small()[i]["label"] != 255).sum()) for i in range(4))   # every original pixel
+    assert o["pAcc"] == 1.0 and 0.9 < r["pAcc"] < 1.0                                     # control: the older protocol differs
+    model.proposals = perfect; queue = iter(small)
+    with pytest.raises(ValueError, match="oracle"):
+        ablation_scores(model, Small(), unseen, lams=(), batch_size=1)
+
+
+def test_official_augmentation():
+    import colorsys
+    from ovseg.data import train_transform
+    from ovseg.twostage import ColorAugSSD, PadTo, ShortSideChoice, _hsv, _rgb, official_train_transform
+    g = torch.Generator().manual_seed(0)
+    px = torch.rand(3, 5, 7, generator=g)
+    hsv = _hsv(px)
+    ref = torch.tensor([colorsys.rgb_to_hsv(*px[:, i, j].tolist()) for i in range(5) for j in range(7)]).T.reshape(3, 5, 7)
+    assert (hsv - ref).abs().max() < 1e-5 and (_rgb(hsv) - px).abs().max() < 1e-5             # HSV as colorsys (OpenCV's, in [0, 1])
+    torch.manual_seed(0)
+    s = {"image": torch.rand(3, 30, 60), "label": torch.randint(0, 5, (30, 60))}
+    sides = {tuple(ShortSideChoice([16, 24], max_size=40)(s)["image"].shape[-2:]) for _ in range(20)}
+    assert sides == {(16, 32), (20, 40)}                                                       # choice list, long side capped
+    out = official_train_transform(32, [16])(s)
+    assert out["image"].shape == (3, 32, 32) and out["label"].shape == (32, 32)
+    assert torch.allclose(out["image"][:, 16:], torch.tensor(128 / 255)) and (out["label"][16:] == 255).all()   # pad 128 / 255
+    old = train_transform(32, (16 / 30, 16 / 30))(s)
+    assert (old["image"][:, 16:] == 0).all()                                                   # control: the older pipeline pads 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        j = ColorAugSSD()(s)
+        assert j["image"].shape == s["image"].shape and 0 <= j["image"].min() and j["image"].max() <= 1 and j["label"] is s["label"]
+    assert PadTo(8)(s)["image"].shape == (3, 30, 60)                                           # never crops
+
+
+def test_paper_recipe_end_to_end_on_a_real_layout(clipdir, tmp_path):
+    """The paper profile's chain on a VOC-layout fixture with tiny encoders: raw names, the official augmentation, the
+    learned crop prompts (trained, then frozen), stage 1 through `fit` with poly groups and the backbone at 0.1x, and
+    scoring at the label's own size."""
+    import numpy as np
+    from PIL import Image
+    from ovseg.core import ParamGroupConfig, TrainConfig, ZsSegBenchmark
+    from ovseg.data import collate
+    from ovseg.train import fit
+    from ovseg.twostage import PromptSamples, ablation_scores, ensemble_row, train_prompts, zero_shot_data
+    voc = tmp_path / "data/VOCdevkit/VOC2012"
+    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"): (voc / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        lab = np.zeros((40, 56), np.uint8); lab[5:30, 5:25] = 1 + k % 3; lab[10:35, 30:50] = 16 + k % 5   # a seen and an unseen class
+        img = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8); img[lab == 1 + k % 3] = (200, 30, 30)
+        Image.fromarray(img).save(voc / "JPEGImages" / f"{k}.jpg"); Image.fromarray(lab).save(voc / "SegmentationClassAug" / f"{k}.png")
+    (voc / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(map(str, range(6))) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("0\n1\n")
+    bench = ZsSegBenchmark(dataset_kw={"mask_dir": "SegmentationClassAug"}, crop=32, short_side=[32, 40], test_short_side=32)
+    train, val, names, unseen = zero_shot_data(bench, tmp_path / "data")
+    assert names[15] == "pottedplant" and train[0]["image"].shape == (3, 32, 32)
+    torch.manual_seed(0)
+    cfg = ZsSegConfig(backbone="test-tiny-taps-bn", clip=f"open_clip:{clipdir}", class_names=names, unseen=unseen, queries=4, dim=16,
+                      mask_dim=16, layers=1, heads=2, ffn=32, embed_hidden=16, templates=["a sculpture of a {}."], crop_prompt="learned",
+                      prompt_context=4, train_backbone=True, no_object_decay=True, seen_names="vocabulary", lam=0.7)
+    model = ZsSeg(cfg)
+    plain = zero_shot_data(bench, tmp_path / "data", augment=False)[0]
+    losses = train_prompts(model, PromptSamples(plain, 2, model.crop_size), TrainConfig(max_steps=3, batch_size=2, lr=0.02, warmup_steps=1))
+    assert len(losses) == 3 and not model.crop_prompt.ctx.requires_grad
+    ctx, conv = model.crop_prompt.ctx.clone(), model.backbone.c8.weight.clone()
+    groups = {"backbone": ParamGroupConfig(prefixes=["backbone."], lr=1e-4, schedule="poly", weight_decay=1e-4),
+              "rest": ParamGroupConfig(prefixes=[""], lr=1e-3, schedule="poly", weight_decay=1e-4)}
+    loader = torch.utils.data.DataLoader(train, batch_size=2, collate_fn=collate)
+    fit(model, loader, TrainConfig(max_steps=3, batch_size=2, grad_clip=0.01, device="cpu", groups=groups, log_every=1), tmp_path / "run")
+    assert torch.equal(model.crop_prompt.ctx, ctx) and not torch.equal(model.backbone.c8.weight, conv)   # prompts frozen, backbone trained
+    assert val[0]["image"].shape[-2:] == (32, 45) and val[0]["label"].shape == (40, 56)
+    rows = ablation_scores(model, val, unseen, lams=[0.7], batch_size=1, oracles=())
+    assert set(rows) == {"proposals", "clip", ensemble_row(0.7)} and all(0 <= r["pAcc"] <= 100 for r in rows.values())
+
+
+def test_learned_text_cached_until_the_context_changes(clipdir, world):
+    model = ZsSeg(_cfg(clipdir, world, prompt="learned", prompt_context=4))
+    names = world.class_names[:3]
+    assert model.class_embeddings(names).requires_grad                       # trains: not cached
+    model.prompt.requires_grad_(False)
+    a = model.class_embeddings(names)
+    with torch.no_grad(): model.prompt.ctx.add_(torch.randn(model.prompt.ctx.shape))   # e.g. load_state_dict: the cache is dropped
+    b = model.class_embeddings(names)
+    assert not a.requires_grad and (a - b).abs().max() > 1e-3
+    assert torch.allclose(b, model.prompt(names, model.clip_text), atol=1e-6)
+
+
+def test_benchmark_model_overrides_are_checked():
+    from ovseg.core import ConfigError, ZsSegBenchmark, ZsSegSettings, check_zsseg
+    with pytest.raises(ConfigError, match="'lerned' is not one of"):
+        check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"prompt": "lerned"})}))
+    with pytest.raises(ConfigError, match=r"unknown ZsSegConfig fields \['promt'\]"):
+        check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"promt": "learned"})}))
+    with pytest.raises(ConfigError, match="short_side"):
+        check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(short_side=[])}))
+    check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"prompt": "learned", "crop_prompt": "same"})}))
