@@ -39,7 +39,7 @@ def paper_config(dataset: Literal["voc", "coco-stuff"] = "coco-stuff", **overrid
     learned prompts for the crops)."""
     if dataset not in ("voc", "coco-stuff"): raise ValueError(f"dataset must be 'voc' or 'coco-stuff', got {dataset!r}")
     cfg = ZsSegConfig(backbone="timm-features:resnet101d", taps=[4, 8, 16, 32], decoder_stride=32,
-                      clip="open_clip:ViT-B-16", weights={"open_clip:ViT-B-16": "openai"}, queries=100, dim=256,
+                      clip="open_clip:ViT-B-16-quickgelu", weights={"open_clip:ViT-B-16-quickgelu": "openai"}, queries=100, dim=256,
                       mask_dim=256, layers=6, heads=8, ffn=2048, embed_hidden=1024, templates=["a sculpture of a {}."],
                       train_backbone=True, no_object_decay=True, seen_names="vocabulary",
                       lam={"voc": 0.7, "coco-stuff": 0.8}[dataset], **PAPER_PROMPTS[dataset])

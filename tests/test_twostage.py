@@ -188,7 +188,7 @@ def test_learned_prompts(clipdir, world, tmp_path):
 def test_paper_config_is_the_paper():
     c = paper_config("coco-stuff")
     assert (c.queries, c.dim, c.layers, c.heads, c.ffn, c.embed_hidden, c.decoder_stride) == (100, 256, 6, 8, 2048, 1024, 32)
-    assert c.backbone == "timm-features:resnet101d" and c.clip == "open_clip:ViT-B-16" and c.lam == 0.8
+    assert c.backbone == "timm-features:resnet101d" and c.clip == "open_clip:ViT-B-16-quickgelu" and c.lam == 0.8   # OpenAI weights: QuickGELU
     assert paper_config("voc").lam == 0.7 and paper_config("voc", queries=50).queries == 50
 
 
