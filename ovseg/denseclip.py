@@ -16,12 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoders import OpenClipTextEncoder, check_open_clip_dir, create_clip, get_templates, interpolate_pos_embed
-from .data import sliding_window
+from .data import (Archive, PREPARE, SemanticDataset, _check_exists, _split_dir, register_dataset,
+                        sliding_window)
 
 # %% auto #0
-__all__ = ['TF_METHODS', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig', 'qkv_heads', 'mix_heads', 'neighbourhood_prior',
-           'pamr', 'local_outlier_factor', 'repair_anomalies', 'semantic_feedback', 'training_free_tokens', 'TimmVFM',
-           'DenseCLIP']
+__all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BACKGROUND', 'PERSON_WORDS', 'TV_WORDS',
+           'TF_PRESETS', 'CITYSCAPES19', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig', 'qkv_heads',
+           'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies', 'semantic_feedback',
+           'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries', 'protocol_labels',
+           'Cityscapes']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
@@ -582,3 +585,157 @@ class DenseCLIP(nn.Module):
 # %% ../nbs/13_denseclip.ipynb #08b4b2d6
 from .train import register_arch
 register_arch("denseclip", DenseCLIP)
+
+# %% ../nbs/13_denseclip.ipynb #tf000103
+TF_BENCHMARKS = ("voc21", "pc60", "coco_object", "voc20", "cityscapes", "pc59", "ade150", "coco_stuff171")
+
+# the harness's extra names of a class (its cls_*.txt line): class 0 of VOC-21 and COCO-Object is these words
+# (wangf3014/SCLIP@b56bd30:configs/cls_voc21.txt:1, cls_coco_object.txt:1; the five other repos use the same)
+BACKGROUND_WORDS = ("sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk",
+                    "bed", "building", "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain",
+                    "stair", "floor", "hill", "rail", "fence")
+PROXYCLIP_COCO_BACKGROUND = ("sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands",
+                             "desk", "bed", "building", "cloud", "floor", "hill", "rail")   # its cls_coco_object.txt:1
+PERSON_WORDS = ("person", "person in shirt", "person in jeans", "person in dress", "person in sweater",
+                "person in skirt", "person in jacket")                  # cls_voc21.txt:16
+TV_WORDS = ("television monitor", "tv monitor", "monitor", "television", "screen")   # cls_voc21.txt:21
+
+@dataclass(frozen=True)
+class TFProtocol:
+    """One method's evaluation settings on one benchmark, as its official mmseg config sets them: images resized
+    to `short_side` (long side at most 2048), sliding windows `slide_crop`/`slide_stride` (0: the whole image),
+    the 80 ImageNet templates, `logit_scale` before the softmax over class names, pixels whose top probability
+    is below `prob_thd` set to class 0, and (`area_thd` > 0) classes covering at most that share of the
+    non-background prediction dropped. `synonyms` maps a class index to the names whose best probability
+    stands for it; `method_options` go to `TrainingFreeConfig`."""
+    short_side: int = 336
+    slide_crop: int = 224
+    slide_stride: int = 112
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    pad_to: int = 0
+    templates: str = "imagenet80"
+    synonyms: tuple = ()                     # ((class index, (name, ...)), ...)
+    method_options: tuple = ()               # ((field, value), ...)
+    source: str = ""
+
+    def __post_init__(self):
+        for n in ("short_side", "slide_crop", "slide_stride", "pad_to"):
+            if getattr(self, n) < 0: raise ValueError(f"{n} must be >= 0, got {getattr(self, n)}")
+        if self.slide_crop and not self.slide_stride: raise ValueError("slide_crop needs slide_stride > 0")
+        if not 0 <= self.prob_thd < 1 or not 0 <= self.area_thd < 1:
+            raise ValueError(f"prob_thd and area_thd must be in [0, 1), got {self.prob_thd}, {self.area_thd}")
+        if self.logit_scale <= 0: raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+
+    def model_kwargs(self) -> dict:
+        "`DenseCLIP` keyword arguments of this protocol."
+        return dict(templates=self.templates, logit_scale=self.logit_scale, slide_crop=self.slide_crop,
+                    slide_stride=self.slide_stride, short_side=self.short_side, pad_to=self.pad_to,
+                    method_options=dict(self.method_options))
+
+_REPOS = {"maskclip": "wangf3014/SCLIP@b56bd30", "sclip": "wangf3014/SCLIP@b56bd30",
+          "clearclip": "mc-lan/ClearCLIP@ad68a40", "naclip": "sinahmr/NACLIP@0cac3a6",
+          "proxyclip": "mc-lan/ProxyCLIP@e7b767f", "scclip": "SuleBai/SC-CLIP@0417ba9",
+          "resclip": "yvhangyang/ResCLIP@0e085f7"}
+_CFG = {"voc21": "cfg_voc21.py", "voc20": "cfg_voc20.py", "pc60": "cfg_context60.py", "pc59": "cfg_context59.py",
+        "coco_object": "cfg_coco_object.py", "coco_stuff171": "cfg_coco_stuff164k.py",
+        "cityscapes": "cfg_city_scapes.py", "ade150": "cfg_ade20k.py"}
+# the segmentor's defaults (logit_scale, window, stride, ...) and the configs' test-pipeline short side
+_BASE = {"maskclip": dict(), "sclip": dict(), "clearclip": dict(logit_scale=50.0, slide_crop=448, slide_stride=224,
+                                                                 short_side=448),
+         "naclip": dict(method_options=(("pamr_steps", 10),)), "proxyclip": dict(slide_crop=336, pad_to=56),
+         "scclip": dict(), "resclip": dict()}
+_SHORT = {"cityscapes": 560}
+_PER = {   # (method, dataset) -> the config's own settings
+    ("sclip", "voc21"): dict(logit_scale=65.0, prob_thd=0.1, area_thd=0.1), ("sclip", "pc60"): dict(logit_scale=50.0, prob_thd=0.1),
+    ("sclip", "coco_object"): dict(logit_scale=50.0, prob_thd=0.1), ("sclip", "coco_stuff171"): dict(short_side=448),
+    ("clearclip", "voc21"): dict(prob_thd=0.5), ("clearclip", "pc60"): dict(prob_thd=0.15),
+    ("clearclip", "coco_object"): dict(prob_thd=0.4), ("clearclip", "cityscapes"): dict(slide_crop=224, short_side=448),
+    ("naclip", "voc21"): dict(prob_thd=0.1, slide_crop=0), ("naclip", "voc20"): dict(slide_crop=0),
+    ("naclip", "pc60"): dict(prob_thd=0.1), ("naclip", "coco_object"): dict(prob_thd=0.1),
+    ("proxyclip", "voc21"): dict(prob_thd=0.2), ("proxyclip", "pc60"): dict(prob_thd=0.15),
+    ("proxyclip", "coco_object"): dict(prob_thd=0.25), ("proxyclip", "ade150"): dict(short_side=448),
+    ("proxyclip", "cityscapes"): dict(short_side=448, slide_crop=224),
+    ("scclip", "voc21"): dict(logit_scale=50.0, prob_thd=0.15, area_thd=0.1), ("scclip", "pc60"): dict(prob_thd=0.15),
+    ("scclip", "coco_object"): dict(logit_scale=55.0, prob_thd=0.35),
+    ("resclip", "voc21"): dict(prob_thd=0.1, slide_crop=0, method_options=(("temp_thd", 0.5), ("rcs_weights", (2.0, 0.3)), ("sfr_weights", (2.2, 0.7)))),
+    ("resclip", "voc20"): dict(slide_crop=0, method_options=(("temp_thd", 0.1), ("rcs_weights", (2.0, 0.6)), ("sfr_weights", (2.1, 0.6)))),
+    ("resclip", "pc60"): dict(prob_thd=0.1, method_options=(("temp_thd", 0.3), ("rcs_weights", (2.0, 0.3)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "pc59"): dict(method_options=(("temp_thd", 0.25), ("rcs_weights", (2.0, 0.4)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "coco_object"): dict(prob_thd=0.1, method_options=(("temp_thd", 0.11), ("rcs_weights", (2.0, 0.4)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "coco_stuff171"): dict(method_options=(("temp_thd", 0.11), ("rcs_weights", (2.0, 0.4)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "cityscapes"): dict(method_options=(("temp_thd", 0.1), ("rcs_weights", (2.0, 0.2)), ("sfr_weights", (2.1, 0.6)))),
+    ("resclip", "ade150"): dict(method_options=(("temp_thd", 0.25), ("rcs_weights", (2.0, 0.3)), ("sfr_weights", (2.1, 0.7)))),
+}
+
+def _preset(method: str, dataset: str) -> TFProtocol:
+    kw = dict(_BASE[method])
+    if dataset in _SHORT: kw["short_side"] = _SHORT[dataset]
+    if method == "clearclip": kw["short_side"] = 448
+    if method == "proxyclip" and dataset in ("ade150", "cityscapes"): kw["short_side"] = 448
+    per = dict(_PER.get((method, dataset), {}))
+    opts = dict(kw.pop("method_options", ())); opts.update(dict(per.pop("method_options", ())))
+    kw.update(per)
+    syn = []
+    if dataset in ("voc21", "coco_object"):
+        syn.append((0, PROXYCLIP_COCO_BACKGROUND if (method, dataset) == ("proxyclip", "coco_object") else BACKGROUND_WORDS))
+    if dataset in ("voc21", "voc20", "coco_object") and method != "proxyclip":
+        person = {"voc21": 15, "voc20": 14, "coco_object": 1}[dataset]
+        syn.append((person, PERSON_WORDS + (("body",) if dataset == "coco_object" else ())))
+        if dataset != "coco_object": syn.append((person + 5, TV_WORDS))
+    src = f"{_REPOS[method]}:configs/{_CFG[dataset]}" + ("" if method != "maskclip" else " (SCLIP's harness; MaskCLIP has none)")
+    return TFProtocol(**kw, synonyms=tuple(syn), method_options=tuple(opts.items()), source=src)
+
+TF_PRESETS: dict[tuple[str, str], TFProtocol] = {(m, d): _preset(m, d) for m in TF_METHODS for d in TF_BENCHMARKS}
+
+def protocol_queries(class_names: Sequence[str], protocol: TFProtocol) -> tuple[list[str], list[int]]:
+    "The names the harness scores (a class's synonyms in place of its name) and the class of each."
+    syn = dict(protocol.synonyms)
+    if syn and max(syn) >= len(class_names):
+        raise ValueError(f"the protocol names synonyms for class {max(syn)} but there are {len(class_names)} classes")
+    names, idx = [], []
+    for i, n in enumerate(class_names):
+        for s in syn.get(i, (n,)): names.append(s); idx.append(i)
+    return names, idx
+
+def protocol_labels(logits: torch.Tensor, query_idx: Sequence[int], protocol: TFProtocol) -> torch.Tensor:
+    """Class labels `(B, H, W)` from per-name logits `(B, Q, H, W)` (already scaled by `logit_scale`): softmax over
+    names, each class's best name, classes with too small an area dropped, low-confidence pixels set to 0."""
+    p = logits.float().softmax(1)
+    idx = torch.as_tensor(query_idx, device=p.device)
+    K = int(idx.max()) + 1
+    probs = p.new_full((p.shape[0], K, *p.shape[2:]), -1.0).index_reduce_(1, idx, p, "amax", include_self=True)
+    if protocol.area_thd > 0 and K > 1:
+        hard = F.one_hot(probs.argmax(1), K).sum((1, 2))                     # (B, K) pixels per class
+        keep = (hard[:, 1:] > protocol.area_thd * hard[:, 1:].sum(1, keepdim=True)).to(probs.dtype)
+        probs = torch.cat([probs[:, :1], probs[:, 1:] * keep[..., None, None]], 1)
+    conf, lab = probs.max(1)
+    lab[conf < protocol.prob_thd] = 0
+    return lab
+
+# %% ../nbs/13_denseclip.ipynb #tf000105
+CITYSCAPES19 = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+                "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+
+@register_dataset("cityscapes")
+class Cityscapes(SemanticDataset):
+    """Cityscapes fine annotations, 19 evaluation classes, in mmseg's layout (`cityscapes/leftImg8bit/<split>/<city>/
+    *_leftImg8bit.png` and `cityscapes/gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`, written by
+    cityscapesscripts' createTrainIdLabelImgs); 255 is ignored."""
+    name, subdir = "cityscapes", "cityscapes"
+    raw_class_names = CITYSCAPES19
+    class_names = CITYSCAPES19
+    def _index(self):
+        d = _split_dir(self.split, {"train": "train", "val": "val"})
+        idir = _check_exists(self.dir / "leftImg8bit" / d, self.name, self.root)
+        out = []
+        for p in sorted(idir.glob("*/*_leftImg8bit.png")):
+            stem = p.name[: -len("_leftImg8bit.png")]
+            out.append((p, self.dir / "gtFine" / d / p.parent.name / f"{stem}_gtFine_labelTrainIds.png", stem))
+        return out
+
+PREPARE.setdefault("cityscapes", dict(archives=[
+    Archive(None, "leftImg8bit_trainvaltest.zip", None, "cityscapes", "Cityscapes needs registration at "
+            "https://www.cityscapes-dataset.com/; unpack leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into "
+            "cityscapes/ and write the *_labelTrainIds.png masks with cityscapesscripts' createTrainIdLabelImgs")]))

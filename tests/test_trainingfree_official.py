@@ -319,3 +319,31 @@ def test_proxyclip_module_roundtrip(tmp_path):
     assert out.shape == (1, 3, 40, 36) and torch.isfinite(out).all()
     dc.save_pretrained(tmp_path)
     assert torch.allclose(DenseCLIP.from_pretrained(tmp_path).predict(imgs, ["a", "b", "c"]), out, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def test_presets_cover_every_method_and_benchmark():
+    from ovseg.denseclip import TF_PRESETS, TF_BENCHMARKS, TF_METHODS, TFProtocol
+    assert set(TF_PRESETS) == {(m, d) for m in TF_METHODS for d in TF_BENCHMARKS}
+    for (m, d), p in TF_PRESETS.items():
+        assert p.templates == "imagenet80" and "@" in p.source and p.source.split(":")[1].startswith("configs/cfg_")
+        DenseCLIP(tiny_clip(layers=12), method=m, vfm=TimmVFM("vit_tiny_patch16_224") if m == "proxyclip" else None,
+                  **p.model_kwargs()) if (m, d) in (("naclip", "voc21"), ("resclip", "ade150")) else None
+    with pytest.raises(ValueError, match="prob_thd"): TFProtocol(prob_thd=1.5)
+
+
+def test_protocol_labels_match_harness_postprocess():
+    "Written from the harness's postprocess: softmax over names, max per class, area filter, confidence filter."
+    from ovseg.denseclip import TFProtocol, protocol_labels
+    g = torch.Generator().manual_seed(6)
+    lg = torch.randn(1, 6, 9, 11, generator=g) * 3
+    idx = [0, 0, 1, 2, 2, 3]
+    prot = TFProtocol(prob_thd=0.3, area_thd=0.2)
+    p = lg[0].softmax(0)
+    cls = torch.stack([p[[i for i, c in enumerate(idx) if c == k]].max(0)[0] for k in range(4)])
+    hard = F.one_hot(cls.argmax(0), 4)
+    area = hard[..., 1:].sum((0, 1))
+    cls[1:] *= (area > 0.2 * area.sum()).float()[:, None, None]
+    ref = cls.argmax(0); ref[cls.max(0)[0] < 0.3] = 0
+    assert torch.equal(protocol_labels(lg, idx, prot)[0], ref)
+    assert not torch.equal(protocol_labels(lg, idx, TFProtocol(prob_thd=0.3))[0], ref) or area.min() > 0.2 * area.sum()
