@@ -705,7 +705,8 @@ def protocol_labels(logits: torch.Tensor, query_idx: Sequence[int], protocol: TF
     p = logits.float().softmax(1)
     idx = torch.as_tensor(query_idx, device=p.device)
     K = int(idx.max()) + 1
-    probs = p.new_full((p.shape[0], K, *p.shape[2:]), -1.0).index_reduce_(1, idx, p, "amax", include_self=True)
+    probs = p.new_full((p.shape[0], K, *p.shape[2:]), -1.0).scatter_reduce(
+        1, idx.view(1, -1, 1, 1).expand_as(p), p, "amax", include_self=True)
     if protocol.area_thd > 0 and K > 1:
         hard = F.one_hot(probs.argmax(1), K).sum((1, 2))                     # (B, K) pixels per class
         keep = (hard[:, 1:] > protocol.area_thd * hard[:, 1:].sum(1, keepdim=True)).to(probs.dtype)
