@@ -8,7 +8,7 @@ prompt-ensembled class-name embeddings."""
 from __future__ import annotations
 import json, math, os
 from pathlib import Path
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -21,10 +21,10 @@ from .data import (Archive, PREPARE, SemanticDataset, _check_exists, _split_dir,
 
 # %% auto #0
 __all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BACKGROUND', 'PERSON_WORDS', 'TV_WORDS',
-           'TF_PRESETS', 'CITYSCAPES19', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig', 'qkv_heads',
-           'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies', 'semantic_feedback',
-           'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries', 'protocol_labels',
-           'Cityscapes']
+           'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig',
+           'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies',
+           'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries',
+           'protocol_labels', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
@@ -740,3 +740,63 @@ PREPARE.setdefault("cityscapes", dict(archives=[
     Archive(None, "leftImg8bit_trainvaltest.zip", None, "cityscapes", "Cityscapes needs registration at "
             "https://www.cityscapes-dataset.com/; unpack leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into "
             "cityscapes/ and write the *_labelTrainIds.png masks with cityscapesscripts' createTrainIdLabelImgs")]))
+
+# %% ../nbs/13_denseclip.ipynb #tf000108
+# published mIoU (ViT-B/16) from the repositories' READMEs: method -> ({benchmark: mIoU}, source)
+TF_PUBLISHED: dict[str, tuple[dict, str]] = {
+    "sclip": (dict(voc21=59.63, pc60=31.74, coco_object=33.52, voc20=81.54, cityscapes=32.34, pc59=34.46,
+                   ade150=16.45, coco_stuff171=22.77), "wangf3014/SCLIP@b56bd30:README.md:68-78"),
+    "clearclip": (dict(voc21=51.8, pc60=32.6, coco_object=33.0, voc20=80.9, cityscapes=30.0, pc59=35.9, ade150=16.7,
+                       coco_stuff171=23.9),
+                  "mc-lan/ClearCLIP@ad68a40:README.md:90-93 (5 without background); "
+                  "yvhangyang/ResCLIP@0e085f7:README.md:33-35 (VOC-21, PC-60, COCO-Object)"),
+    "naclip": (dict(voc21=64.07, pc60=34.99, coco_object=36.19, voc20=83.03, cityscapes=38.27, pc59=38.35,
+                    ade150=19.05, coco_stuff171=25.69), "sinahmr/NACLIP@0cac3a6:README.md:60-90 (with PAMR)"),
+    "proxyclip": ({}, "mc-lan/ProxyCLIP@e7b767f:README.md:46 (only the 8-benchmark average, 44.4)"),
+    "scclip": ({}, "SuleBai/SC-CLIP@0417ba9:README.md (no figures)"),
+    "resclip": (dict(voc21=61.1, pc60=33.5, coco_object=35.0, voc20=86.0, cityscapes=35.9, pc59=36.8, ade150=18.0,
+                     coco_stuff171=24.7), "yvhangyang/ResCLIP@0e085f7:README.md:29-35 (ResCLIP on NACLIP)"),
+    "maskclip": (dict(voc20=74.9, pc59=26.4, coco_stuff171=16.4, cityscapes=12.6, ade150=9.8, voc21=38.8, pc60=23.6,
+                      coco_object=20.6), "yvhangyang/ResCLIP@0e085f7:README.md:29-35 (MaskCLIP row)"),
+}
+
+def scaled_layer_options(method: str, n_blocks: int) -> dict:
+    """SC-CLIP's and ResCLIP's block indices (chosen for ViT-B's 12 blocks) mapped to a tower of `n_blocks`
+    (index * n_blocks // 12), e.g. for the embedded CLIP; {} for the other methods or a 12-block tower."""
+    if n_blocks == 12 or method not in ("scclip", "resclip"): return {}
+    if n_blocks < 3: raise ValueError(f"{method} needs a tower of at least 3 blocks, got {n_blocks}")
+    f = lambda i: min(i * n_blocks // 12, n_blocks - 2)
+    c = TrainingFreeConfig()
+    if method == "resclip": return dict(rcs_layers=tuple(sorted({f(i) for i in c.rcs_layers})))
+    return dict(pre_adjust_idx=f(c.pre_adjust_idx), post_adjust_idx=f(c.post_adjust_idx),
+                multi_start_idx=f(c.multi_start_idx),
+                multi_end_idx=max(min(c.multi_end_idx * n_blocks // 12, n_blocks - 1), f(c.multi_start_idx) + 1))
+
+@dataclass
+class TrainingFreeSettings:
+    """The `training_free` stage: `methods` x `benchmarks` with `model` (an open_clip name + `pretrained`, or an
+    open_clip directory such as the embedded CLIP), each method at `TF_PRESETS` (benchmark `world`: the embedded
+    world, whole images, a code-path check), the first `limit` images of each split (0: all)."""
+    methods: list = field(default_factory=lambda: list(TF_METHODS))
+    benchmarks: list = field(default_factory=lambda: list(TF_BENCHMARKS))
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    vfm: str = "vit_base_patch8_224.dino"
+    vfm_checkpoint: str | None = "weights/dino_vitb8.safetensors"
+    data_root: str = "data"
+    limit: int = 0
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in TF_METHODS]
+        if bad: raise ValueError(f"training_free.methods: {bad} not in {list(TF_METHODS)}")
+        bad = [b for b in self.benchmarks if b not in TF_BENCHMARKS + ("world",)]
+        if bad: raise ValueError(f"training_free.benchmarks: {bad} not in {list(TF_BENCHMARKS) + ['world']}")
+        if self.limit < 0: raise ValueError(f"training_free.limit must be >= 0, got {self.limit}")
+
+    @classmethod
+    def for_profile(cls, profile: str) -> "TrainingFreeSettings":
+        "The defaults of a profile: `paper` the published setting; `embedded` the embedded CLIP on the world."
+        if profile == "embedded":
+            return cls(benchmarks=["world"], model="outputs/embedded_clip", pretrained=None, vfm="vit_tiny_patch16_224",
+                       vfm_checkpoint=None, limit=32)
+        return cls()
