@@ -348,3 +348,15 @@ def test_protocol_labels_match_harness_postprocess():
     ref = cls.argmax(0); ref[cls.max(0)[0] < 0.3] = 0
     assert torch.equal(protocol_labels(lg, idx, prot)[0], ref)
     assert not torch.equal(protocol_labels(lg, idx, TFProtocol(prob_thd=0.3))[0], ref) or area.min() > 0.2 * area.sum()
+
+
+def test_load_model_passes_the_method_through(tmp_path):
+    "What ovseg.segment / the CLI build: load_model(spec, method=..., **protocol) reaches DenseCLIP."
+    from ovseg.segment import load_model
+    from ovseg.denseclip import TF_PRESETS
+    from ovseg.testing import tiny_clip_dir
+    tiny_clip_dir(tmp_path, layers=12)
+    kw = TF_PRESETS[("naclip", "ade150")].model_kwargs()
+    kw["method_options"] = tuple(kw["method_options"].items())       # load_model caches on hashable options
+    m = load_model(str(tmp_path), method="naclip", **kw)
+    assert m.method == "naclip" and m.tf.pamr_steps == 10 and (m.slide_crop, m.short_side) == (224, 336)
