@@ -273,6 +273,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'ovseg.denseclip._scclip': ('denseclip.html#_scclip', 'ovseg/denseclip.py'),
                                  'ovseg.denseclip._shifts': ('denseclip.html#_shifts', 'ovseg/denseclip.py'),
                                  'ovseg.denseclip.dense_clip_tokens': ('denseclip.html#dense_clip_tokens', 'ovseg/denseclip.py'),
+                                 'ovseg.denseclip.evaluate_protocol': ('denseclip.html#evaluate_protocol', 'ovseg/denseclip.py'),
                                  'ovseg.denseclip.local_outlier_factor': ('denseclip.html#local_outlier_factor', 'ovseg/denseclip.py'),
                                  'ovseg.denseclip.mix_heads': ('denseclip.html#mix_heads', 'ovseg/denseclip.py'),
                                  'ovseg.denseclip.neighbourhood_prior': ('denseclip.html#neighbourhood_prior', 'ovseg/denseclip.py'),

@@ -24,7 +24,7 @@ __all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BA
            'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig',
            'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies',
            'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries',
-           'protocol_labels', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings']
+           'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
@@ -714,6 +714,26 @@ def protocol_labels(logits: torch.Tensor, query_idx: Sequence[int], protocol: TF
     conf, lab = probs.max(1)
     lab[conf < protocol.prob_thd] = 0
     return lab
+
+@torch.no_grad()
+def evaluate_protocol(model: nn.Module, dataset, protocol: TFProtocol | None = None, limit: int = 0,
+                      device="cpu") -> dict:
+    """mIoU (%, mmseg's `IoUMetric` via `ovseg.metrics.SemanticMetric`) of `model` (predict -> per-name logits) on
+    a semantic `dataset` with the harness's names and post-processing (`protocol`; None: plain arg-max over the
+    dataset's class names); the first `limit` images (0: all)."""
+    from ovseg.metrics import SemanticMetric
+    import time
+    protocol = protocol or TFProtocol()
+    names = list(dataset.class_names)
+    queries, idx = protocol_queries(names, protocol)
+    metric = SemanticMetric(len(names))
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    t = time.perf_counter()
+    for i in range(n):
+        s = dataset[i]
+        logits = model.predict(s["image"][None].to(device), queries)
+        metric.update(protocol_labels(logits, idx, protocol)[0].cpu(), s["label"])
+    return dict(mIoU=100 * metric.compute()["mIoU"], images=n, s_per_image=(time.perf_counter() - t) / max(n, 1))
 
 # %% ../nbs/13_denseclip.ipynb #tf000105
 CITYSCAPES19 = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
