@@ -69,14 +69,14 @@ def main():
     if a.method:
         print(json.dumps(child(a))); return
     rows, load0 = [], os.getloadavg()[0]
-    best = timed(a)
-    for m in a.methods:
-        cmd = [sys.executable, __file__, "--method", m] + [x for k in ("threads", "dataset", "classes",
-                                                                       "height", "width")
+    for m in a.methods:      # peak RSS first, each in a fresh child (Linux keeps a parent's high-water mark in its children)
+        cmd = [sys.executable, __file__, "--method", m] + [x for k in ("threads", "dataset", "classes", "height", "width")
                                                            for x in (f"--{k}", str(getattr(a, k)))]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode: raise SystemExit(f"{m} failed:\n{r.stderr[-2000:]}")
-        rows.append({**json.loads(r.stdout.strip().splitlines()[-1]), "s_per_image": best[m]})
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    best = timed(a)
+    for r in rows: r["s_per_image"] = best[r["method"]]
     ref = next((r for r in rows if r["method"] == "maskclip"), rows[0])
     print(f"{a.height}x{a.width} image, {a.classes} classes, protocol TF_PRESETS[(method, {a.dataset!r})], "
           f"{a.threads} thread(s), best of {a.repeats} round-robin rounds; load average before/after "
