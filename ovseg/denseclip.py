@@ -799,7 +799,7 @@ class TrainingFreeSettings:
     world, whole images, a code-path check), the first `limit` images of each split (0: all)."""
     methods: list = field(default_factory=lambda: list(TF_METHODS))
     benchmarks: list = field(default_factory=lambda: list(TF_BENCHMARKS))
-    model: str = "ViT-B-16"
+    model: str = "ViT-B-16-quickgelu"       # OpenAI weights need QuickGELU
     pretrained: str | None = "openai"
     vfm: str = "vit_base_patch8_224.dino"
     vfm_checkpoint: str | None = "weights/dino_vitb8.safetensors"
