@@ -8,6 +8,7 @@ prompt-ensembled class-name embeddings."""
 from __future__ import annotations
 import json, math, os
 from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -15,9 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoders import OpenClipTextEncoder, check_open_clip_dir, create_clip, get_templates, interpolate_pos_embed
+from .data import (Archive, PREPARE, SemanticDataset, _check_exists, _split_dir, register_dataset,
+                        sliding_window)
 
 # %% auto #0
-__all__ = ['value_path', 'dense_clip_tokens', 'DenseCLIP']
+__all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BACKGROUND', 'PERSON_WORDS', 'TV_WORDS',
+           'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig',
+           'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies',
+           'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries',
+           'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
@@ -64,19 +71,381 @@ def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = 
     if visual.proj is not None: x = x @ visual.proj
     return x.transpose(1, 2).reshape(B, -1, gh, gw)
 
+# %% ../nbs/13_denseclip.ipynb #tf000002
+TF_METHODS = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "scclip", "resclip")
+
+@dataclass
+class TrainingFreeConfig:
+    """What a training-free method changes in CLIP's last block(s), and its published settings (the defaults
+    are each method's own code defaults; per-dataset settings are in `TF_PRESETS`)."""
+    method: str = "maskclip"
+    gaussian_std: float = 5.0                 # naclip, resclip: std (in patches) of the neighbourhood prior
+    pamr_steps: int = 0                       # naclip (10 in its paper runs), scclip: PAMR refinement iterations
+    pamr_dilations: tuple = (8, 16)
+    beta: float = 1.2                         # proxyclip: similarity threshold (x mean)
+    gamma: float = 3.0                        # proxyclip: similarity temperature
+    vfm: str = "vit_base_patch8_224.dino"     # proxyclip: timm name of the vision foundation model
+    sc_beta: float = 0.4                      # scclip: affinity threshold of the aggregation
+    pre_adjust_idx: int = 8                   # scclip: block output (0-based) whose affinity steers the last block
+    post_adjust_idx: int = 3                  # scclip: block output whose affinity aggregates the output
+    multi_start_idx: int = 3                  # scclip: multi-level fusion over block outputs [start, end)
+    multi_end_idx: int = 10
+    res_cls: float = 0.3                      # scclip: weight of the class token added back
+    lof_neighbors: int = 30                   # scclip: local outlier factor neighbours
+    lof_contamination: float = 0.05           # scclip: share of tokens called anomalous
+    rcs_layers: tuple = (5, 6, 7, 8)          # resclip: blocks (0-based) whose attention is averaged
+    rcs_weights: tuple = (2.0, 0.3)           # resclip: (tau, lambda) of the residual cross-correlation
+    sfr_weights: tuple = (2.1, 0.7)           # resclip: (tau, lambda) of the semantic feedback
+    temp_thd: float = 0.25                    # resclip: confidence below which a provisional label is class 0
+    delete_same_entity: bool = True           # resclip: decay same-class pairs not joined by a same-class path
+    sfr_pamr_steps: int = 10                  # resclip: PAMR on the provisional logits
+
+    def __post_init__(self):
+        if self.method not in TF_METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(TF_METHODS)}")
+        if self.gaussian_std <= 0: raise ValueError(f"gaussian_std must be > 0, got {self.gaussian_std}")
+        if self.pamr_steps < 0 or self.sfr_pamr_steps < 0: raise ValueError("PAMR steps must be >= 0")
+        if not 0 < self.lof_contamination < 1: raise ValueError(f"lof_contamination must be in (0, 1), got {self.lof_contamination}")
+        if self.multi_start_idx >= self.multi_end_idx:
+            raise ValueError(f"multi_start_idx {self.multi_start_idx} must be < multi_end_idx {self.multi_end_idx}")
+        self.pamr_dilations, self.rcs_layers = tuple(self.pamr_dilations), tuple(self.rcs_layers)
+        self.rcs_weights, self.sfr_weights = tuple(self.rcs_weights), tuple(self.sfr_weights)
+
+# %% ../nbs/13_denseclip.ipynb #tf000004
+def _check_block(block: nn.Module):
+    attn = block.attn
+    if not isinstance(attn, nn.MultiheadAttention) and not hasattr(attn, "in_proj_weight"):
+        raise NotImplementedError(f"dense CLIP supports open_clip ViT blocks with multi-head attention, "
+                                  f"not {type(attn).__name__}")
+    if getattr(attn, "head_scale", None) is not None or \
+            not isinstance(getattr(attn, "ln_inner", None) or nn.Identity(), nn.Identity):
+        raise NotImplementedError("dense CLIP does not support scaled-head / inner-norm attention blocks")
+
+def qkv_heads(block: nn.Module, y: torch.Tensor):
+    "Per-head query, key, value `(B, heads, T, d)` of a block's attention on normed tokens `y`, and d^-1/2."
+    _check_block(block)
+    attn = block.attn
+    B, T, C = y.shape
+    nh = attn.num_heads
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    sh = lambda t: t.reshape(B, T, nh, C // nh).transpose(1, 2)
+    return sh(q), sh(k), sh(v), (C // nh) ** -0.5
+
+def mix_heads(block: nn.Module, A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    "`out_proj` of the heads' mixtures `A @ v` (A `(B, heads or 1, T, S)`, v `(B, heads, S, d)`) -> `(B, T, C)`."
+    return block.attn.out_proj((A @ v).transpose(1, 2).flatten(2))
+
+def neighbourhood_prior(grid: tuple[int, int], std: float, cls: bool = True) -> torch.Tensor:
+    """NACLIP's Gaussian prior: `exp(-|p - p'|^2 / (2 std^2))` between patch positions, with a zero row and
+    column for the class token when `cls`."""
+    r, c = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    p = torch.stack([r.flatten(), c.flatten()], 1).float()
+    om = torch.exp(-((p[:, None] - p[None]) ** 2).sum(-1) / (2 * std ** 2))
+    return F.pad(om, (1, 0, 1, 0)) if cls else om
+
+def _shifts(x: torch.Tensor, d: int) -> torch.Tensor:
+    "The 8 neighbours at dilation `d` of every pixel, replicate-padded: `(B, C, 8, H, W)`."
+    H, W = x.shape[-2:]
+    xp = F.pad(x, [d] * 4, mode="replicate")
+    return torch.stack([xp[..., d + dy:d + dy + H, d + dx:d + dx + W]
+                        for dy in (-d, 0, d) for dx in (-d, 0, d) if (dy, dx) != (0, 0)], 2)
+
+def pamr(image: torch.Tensor, logits: torch.Tensor, steps: int = 10, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020): `steps` times, each pixel's logits become
+    the affinity-weighted mean of its 8 neighbours at each dilation; the affinity is a softmax over neighbours of
+    `-|I_p - I_n| / (0.1 std_local(I))`, averaged over image channels. Linear in `logits`."""
+    if steps <= 0: return logits
+    logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    x = image.to(logits.dtype)
+    nbs = [_shifts(x, d) for d in dilations]                                # each (B, 3, 8, H, W)
+    aff = torch.cat([(x[:, :, None] - nb).abs() for nb in nbs], 2)
+    # the local spread: std of the 3x3 windows of all dilations together (the centre once per dilation)
+    std = torch.cat([torch.cat([nb, x[:, :, None]], 2) for nb in nbs], 2).std(2, keepdim=True)
+    w = F.softmax((-aff / (1e-8 + 0.1 * std)).mean(1, keepdim=True), 2)      # (B, 1, 8*len(dil), H, W)
+    for _ in range(steps):
+        logits = (torch.cat([_shifts(logits, d) for d in dilations], 2) * w).sum(2)
+    return logits
+
+def _pre_tokens(visual: nn.Module, images: torch.Tensor):
+    if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
+        raise NotImplementedError(f"dense CLIP needs an open_clip VisionTransformer, got {type(visual).__name__}")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise NotImplementedError("dense CLIP does not support attentional-pooling (CoCa) towers")
+    B, _, H, W = images.shape
+    ph, pw = visual.patch_size
+    if H % ph or W % pw: raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+    gh, gw = H // ph, W // pw
+    x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, -1), x], 1)
+    x = x + interpolate_pos_embed(visual.positional_embedding, visual.grid_size, (gh, gw)).to(x.dtype)
+    return visual.ln_pre(x), (gh, gw)
+
+def _block(visual, blk, x):
+    "One unchanged CLIP block on batch-first tokens."
+    if getattr(visual.transformer, "batch_first", True): return blk(x)
+    return blk(x.transpose(0, 1)).transpose(0, 1)
+
+def _attn_out(blk, A, v, x, residual, mlp):
+    "A block whose attention matrix is replaced by `A`: residual and FFN kept or dropped."
+    a = blk.ls_1(mix_heads(blk, A, v))
+    x = x + a if residual else a
+    if mlp: x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x
+
+def _project(visual, x):
+    x = visual.ln_post(x)
+    return x @ visual.proj if visual.proj is not None else x
+
+def _grid(x, B, grid):
+    return x.transpose(1, 2).reshape(B, -1, *grid)
+
+# %% ../nbs/13_denseclip.ipynb #tf000007
+def local_outlier_factor(x: torch.Tensor, k: int = 30) -> torch.Tensor:
+    """SC-CLIP's local outlier factor of each row of `x (N, C)`: with squared Euclidean distances, the reach
+    distance of p to its neighbour o is max(d(p, o), k-distance of p); lrd(p) = 1 / mean reach distance over p's
+    k nearest neighbours; LOF(p) = mean over those neighbours of lrd(o) / lrd(p)."""
+    k = min(k, x.shape[0] - 1)
+    d = torch.cdist(x[None].float(), x[None].float())[0] ** 2
+    d.fill_diagonal_(-1.0)                                    # each point is its own nearest; dropped below
+    dk, idx = d.topk(k + 1, largest=False)
+    dk, idx = dk[:, 1:], idx[:, 1:]
+    reach = torch.maximum(dk, dk[:, -1:])
+    lrd = 1.0 / reach.mean(1)
+    return (lrd[idx] / lrd[:, None]).mean(1)
+
+def repair_anomalies(fmap: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+    """Replace the tokens of `fmap (C, h, w)` flagged in the boolean map `outliers (h, w)` by the mean of their
+    non-flagged 8-neighbours (kept as they are when they have none)."""
+    ok = (~outliers).to(fmap.dtype)[None, None]
+    ker = torch.ones(1, 1, 3, 3, dtype=fmap.dtype, device=fmap.device); ker[..., 1, 1] = 0
+    s = F.conv2d((fmap * ok[0])[:, None], ker, padding=1)[:, 0]
+    n = F.conv2d(ok, ker, padding=1)[0]
+    upd = (outliers.to(fmap.dtype) * (n > 0).to(fmap.dtype))
+    return fmap * (1 - upd) + s / n.clamp(min=1) * upd
+
+def _aggregate(feats, sim, thd):
+    "Rows of `sim` below `thd` zeroed, rows normalised (+1e-6), applied to `feats (B, N, C)`."
+    w = torch.where(sim < thd, torch.zeros_like(sim), sim)
+    return (w / (w.sum(-1, keepdim=True) + 1e-6)) @ feats
+
+def _scclip(visual, x, grid, c: TrainingFreeConfig):
+    blocks = visual.transformer.resblocks
+    B, N = x.shape[0], grid[0] * grid[1]
+    outs = []
+    for blk in blocks[:-1]:
+        x = _block(visual, blk, x); outs.append(x)
+    cls = x[:, :1]
+    patches, pre = [], []
+    for b in range(B):                                        # anomaly tokens of the second-last block, per image
+        lof = local_outlier_factor(x[b, 1:], c.lof_neighbors)
+        out = (lof > torch.quantile(lof.float(), 1 - c.lof_contamination)).reshape(grid)
+        patches.append(repair_anomalies(x[b, 1:].T.reshape(-1, *grid), out).flatten(1).T)
+        pre.append(repair_anomalies(outs[c.pre_adjust_idx][b, 1:].T.reshape(-1, *grid), out).flatten(1).T)
+    x, pre = torch.stack(patches), F.normalize(torch.stack(pre), dim=-1)
+    mid = pre @ pre.transpose(1, 2)                           # (B, N, N) affinity of an intermediate layer
+    x = _aggregate(x, mid, c.sc_beta)
+    last = blocks[-1]
+    s = (mid - mid.mean((1, 2), keepdim=True)) * 3.0
+    prox = F.softmax(s.masked_fill(s < 0, float("-inf")), -1)[:, None]
+
+    def attend(t):                                            # self-adjusting attention, no residual/FFN
+        _, k, v, sc = qkv_heads(last, last.ln_1(t))
+        return mix_heads(last, (prox + F.softmax(k @ k.transpose(-1, -2) * sc, -1)) / 2, v)
+
+    x = attend(x) + c.res_cls * cls
+    post = F.normalize(outs[c.post_adjust_idx][:, 1:], dim=-1)
+    post = post @ post.transpose(1, 2)
+    x = _aggregate(x, post, c.sc_beta)
+    fused = sum(outs[c.multi_start_idx:c.multi_end_idx])     # multi-level fusion
+    x = x + _aggregate(attend(fused[:, 1:]) + c.res_cls * fused[:, :1], post, c.sc_beta)
+    return _project(visual, x)
+
+def _same_entity_paths(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For patch labels `lab (h, w)`: whether each pair (i, j) is joined by a same-label straight path, as
+    ResCLIP walks it (points rounded from i + (j - i) t for t = s / S, s <= chebyshev(i, j), S the largest
+    chebyshev distance), and the chebyshev distances."""
+    h, w = lab.shape
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    p = torch.stack([r.flatten(), c.flatten()], 1).to(lab.device)
+    a = p[:, None].expand(-1, len(p), -1).reshape(-1, 2)
+    b = p[None].expand(len(p), -1, -1).reshape(-1, 2)
+    steps = (b - a).abs().max(1)[0]
+    S = int(steps.max())
+    t = torch.linspace(0, 1, S + 1, device=lab.device)[None, :, None]
+    pts = (a[:, None] * (1 - t) + b[:, None] * t).round().long()
+    same = (lab[pts[..., 0], pts[..., 1]] == lab[a[:, 0], a[:, 1]][:, None]) | \
+        (torch.arange(S + 1, device=lab.device)[None] > steps[:, None])
+    return same.all(1).view(len(p), len(p)), steps.view(len(p), len(p)), S
+
+def semantic_feedback(lab: torch.Tensor, std: float, delete_same_entity: bool = True) -> torch.Tensor:
+    """ResCLIP's semantic feedback attention `(1 + N, 1 + N)` from provisional patch labels `lab (h, w)`: 1 where
+    two patches share a label (decayed by exp(-chebyshev / max chebyshev) when no same-label path joins them),
+    each row smoothed by a 1-D Gaussian (std `std`) over the flattened patch index, rectified, row-normalised,
+    zero for the class token, scaled to max 1 and rounded to half precision as in ResCLIP."""
+    N = lab.numel()
+    f = lab.flatten()
+    m = (f[:, None] == f[None]).float()
+    m.fill_diagonal_(1.0)
+    if delete_same_entity and N > 1:
+        valid, steps, S = _same_entity_paths(lab)
+        m = torch.where(valid, m, m * torch.exp(-steps / S))
+    ks = min(N, int(6 * std + 1)); ks += 1 - ks % 2
+    g = torch.exp(-(torch.arange(ks, device=lab.device) - ks // 2) ** 2 / (2 * std ** 2)); g = g / g.sum()
+    m = F.relu(F.conv1d(m[:, None], g.view(1, 1, -1), padding=ks // 2)[:, 0])
+    m = F.pad(m / (m.sum(1, keepdim=True) + 1e-8), (1, 0, 1, 0))
+    return (m / m.max()).half().float()
+
+def _resclip(visual, x, grid, c, text, logit_scale, images):
+    blocks = visual.transformer.resblocks
+    B = x.shape[0]
+    rcs = []
+    for i, blk in enumerate(blocks[:-1]):
+        if i in c.rcs_layers:                                 # plain attention maps of the middle blocks
+            q, k, _, sc = qkv_heads(blk, blk.ln_1(x))
+            rcs.append(F.softmax(q @ k.transpose(-1, -2) * sc, -1))
+        x = _block(visual, blk, x)
+    rcs = torch.stack(rcs).mean(0)                            # (B, heads, T, T): residual cross-correlation
+    last = blocks[-1]
+    om = neighbourhood_prior(grid, c.gaussian_std).to(x)
+    _, k, v, sc = qkv_heads(last, last.ln_1(x))
+    kk = k @ k.transpose(-1, -2) * sc
+    (tr, lr), (ts, ls) = c.rcs_weights, c.sfr_weights
+
+    def attend(sfr=None):
+        # ResCLIP holds the feedback map, and lambda times it, in half precision
+        a = kk if sfr is None else ts * ((1 - ls) * kk + (ls * sfr).half().to(kk.dtype))
+        a = F.softmax(a + om, -1)
+        return mix_heads(last, tr * ((1 - lr) * a + lr * rcs), v)
+
+    if text is None: raise ValueError("resclip needs the class embeddings (its semantic feedback classifies first)")
+    feats = F.normalize(_project(visual, attend()[:, 1:]), dim=-1)
+    logits = _grid(feats @ text.to(feats).T, B, grid)
+    logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    probs = F.softmax(logit_scale * pamr(images, logits, c.sfr_pamr_steps), 1)
+    conf, lab = probs.max(1)
+    lab[conf < c.temp_thd] = 0
+    ph, pw = images.shape[-2] // grid[0], images.shape[-1] // grid[1]
+    lab = lab.unfold(1, ph, ph).unfold(2, pw, pw).reshape(B, *grid, -1).mode(-1)[0]
+    sfr = torch.stack([semantic_feedback(l, c.gaussian_std, c.delete_same_entity) for l in lab])[:, None].to(x)
+    return _project(visual, attend(sfr)[:, 1:])
+
+def training_free_tokens(visual: nn.Module, images: torch.Tensor, config: TrainingFreeConfig | str = "maskclip",
+                         residual: bool = True, mlp: bool = True, vfm_feats: torch.Tensor | None = None,
+                         text: torch.Tensor | None = None, logit_scale: float = 40.0) -> torch.Tensor:
+    """Per-patch joint-space embeddings `(B, D, h, w)` of normalised `images` with the last block(s) changed as
+    `config.method` does (`maskclip`: the value path, `residual`/`mlp` as `dense_clip_tokens`). `proxyclip` needs
+    `vfm_feats (B, C', h', w')` and returns the VFM's grid; `resclip` needs `text (K, D)` and `logit_scale`."""
+    c = TrainingFreeConfig(method=config) if isinstance(config, str) else config
+    if c.method == "maskclip": return dense_clip_tokens(visual, images, residual, mlp)
+    x, grid = _pre_tokens(visual, images)
+    B, blocks = x.shape[0], visual.transformer.resblocks
+    if c.method == "scclip":
+        if len(blocks) - 1 <= max(c.pre_adjust_idx, c.post_adjust_idx, c.multi_end_idx - 1):
+            raise ValueError(f"scclip's layer indices need more than {len(blocks)} blocks; set pre_adjust_idx, "
+                             f"post_adjust_idx, multi_start_idx, multi_end_idx for this model")
+        return _grid(_scclip(visual, x, grid, c), B, grid)
+    if c.method == "resclip":
+        if max(c.rcs_layers) >= len(blocks) - 1:
+            raise ValueError(f"resclip's rcs_layers {c.rcs_layers} need more than {len(blocks)} blocks; set rcs_layers")
+        return _grid(_resclip(visual, x, grid, c, text, logit_scale, images), B, grid)
+    for blk in blocks[:-1]: x = _block(visual, blk, x)
+    last = blocks[-1]
+    q, k, v, sc = qkv_heads(last, last.ln_1(x))
+    if c.method == "sclip":                                   # correlative self-attention; residual and FFN kept
+        A = F.softmax(q @ q.transpose(-1, -2) * sc, -1) + F.softmax(k @ k.transpose(-1, -2) * sc, -1)
+        x = _attn_out(last, A, v, x, True, True)
+    elif c.method == "clearclip":                             # q-q attention, no residual, no FFN
+        x = _attn_out(last, F.softmax(q @ q.transpose(-1, -2) * sc, -1), v, x, False, False)
+    elif c.method == "naclip":                                # k-k attention + Gaussian neighbourhood, no residual/FFN
+        om = neighbourhood_prior(grid, c.gaussian_std).to(x)
+        x = _attn_out(last, F.softmax(k @ k.transpose(-1, -2) * sc + om, -1), v, x, False, False)
+    elif c.method == "proxyclip":                             # proxy attention from the VFM's normalised features
+        if vfm_feats is None: raise ValueError("proxyclip needs vfm_feats, the VFM's patch features (B, C, h, w)")
+        vh, vw = vfm_feats.shape[-2:]
+        f = F.normalize(vfm_feats.flatten(2).float(), dim=1)
+        s = f.transpose(1, 2) @ f                             # (B, n, n) cosine between VFM patches
+        s = (s - s.mean((1, 2), keepdim=True) * c.beta) * c.gamma
+        A = F.softmax(s.masked_fill(s < 0, float("-inf")), -1)[:, None].to(x)
+        nh, d = v.shape[1], v.shape[-1]
+        vp = v[:, :, 1:].reshape(B * nh, *grid, d).permute(0, 3, 1, 2)   # CLIP values resized to the VFM grid
+        vp = F.interpolate(vp, size=(vh, vw), mode="bilinear", align_corners=False)
+        vp = vp.permute(0, 2, 3, 1).reshape(B, nh, vh * vw, d)
+        return _grid(_project(visual, last.ls_1(mix_heads(last, A, vp))), B, (vh, vw))
+    return _grid(_project(visual, x[:, 1:]), B, grid)
+
+# %% ../nbs/13_denseclip.ipynb #tf000010
+class TimmVFM(nn.Module):
+    """A timm ViT as ProxyCLIP's vision foundation model: images in [0, 1] -> its final normed patch features
+    `(B, C, h, w)` (DINO's `get_intermediate_layers(x)[0]` without the class token). `checkpoint` (safetensors,
+    or a torch file read with weights_only) gives the weights; without it the weights are random, which is
+    only for tests and for `from_config` (where a state dict follows)."""
+    def __init__(self, name: str = "vit_base_patch8_224.dino", checkpoint: str | os.PathLike | None = None,
+                 model: nn.Module | None = None):
+        super().__init__()
+        import timm
+        self.name = name
+        self.model = model if model is not None else \
+            timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        if checkpoint is not None:
+            p = Path(checkpoint)
+            if not p.is_file(): raise FileNotFoundError(f"VFM checkpoint {p} not found; pass a DINO weights file")
+            if p.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                sd = load_file(str(p))
+            else: sd = torch.load(p, map_location="cpu", weights_only=True)
+            sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.startswith("head")]
+            if missing or unexpected:
+                raise ValueError(f"{p} does not fit timm's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def patch_size(self) -> tuple[int, int]: return tuple(self.model.patch_embed.patch_size)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = images01.shape
+        ph, pw = self.patch_size
+        t = self.model.forward_features((images01 - self.mean) / self.std)[:, self.model.num_prefix_tokens:]
+        return t.transpose(1, 2).reshape(B, -1, H // ph, W // pw)
+
 # %% ../nbs/13_denseclip.ipynb #cc937067
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class DenseCLIP(nn.Module):
-    "Training-free MaskCLIP-style dense CLIP over an open_clip ViT (frozen)."
+    """Training-free dense CLIP over an open_clip ViT (frozen): MaskCLIP's value path by default, or another
+    training-free method's last block(s) (`method`, options in `method_options`, see `TrainingFreeConfig`)."""
     arch = "denseclip"
     frozen_prefixes = ("text_encoder.",)   # the text tower shares the CLIP's weights: saved once, as clip.*
 
     def __init__(self, clip_model: nn.Module, templates: Sequence[str] | None = None, residual: bool = True,
                  mlp: bool = True, logit_scale: float | None = None, model_cfg: dict | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, text_encoder=None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, text_encoder=None,
+                 method: str = "maskclip", method_options: dict | TrainingFreeConfig | None = None,
+                 slide_crop: int = 0, slide_stride: int = 0, short_side: int = 0, pad_to: int = 0,
+                 vfm: nn.Module | None = None, vfm_name: str | None = None):
         super().__init__()
+        opts = asdict(method_options) if isinstance(method_options, TrainingFreeConfig) else dict(method_options or {})
+        if opts.get("method", method) != method:
+            raise ValueError(f"method_options say method {opts['method']!r} but method is {method!r}")
+        self.tf = TrainingFreeConfig(**{**opts, "method": method})
+        self.method = self.tf.method
+        for n, val in (("slide_crop", slide_crop), ("slide_stride", slide_stride), ("short_side", short_side),
+                       ("pad_to", pad_to)):
+            if int(val) < 0: raise ValueError(f"{n} must be >= 0, got {val}")
+        if slide_crop and not slide_stride: raise ValueError(f"slide_crop {slide_crop} needs slide_stride > 0")
+        self.slide_crop, self.slide_stride, self.short_side, self.pad_to = \
+            int(slide_crop), int(slide_stride), int(short_side), int(pad_to)
+        if self.method == "proxyclip" and vfm is None and vfm_name is None:
+            raise ValueError("method 'proxyclip' needs a vision foundation model: pass vfm=TimmVFM("
+                             "'vit_base_patch8_224.dino', checkpoint='dino_vitb8.safetensors') (DINO ViT-B/8 weights)")
+        self.vfm = (vfm if vfm is not None else TimmVFM(vfm_name)) if self.method == "proxyclip" else None
+        if self.vfm is not None:
+            self.vfm.eval()
+            for p in self.vfm.parameters(): p.requires_grad_(False)
         self.clip = clip_model.eval()
         for p in self.clip.parameters(): p.requires_grad_(False)
         self.templates = get_templates(templates or "imagenet8")
@@ -102,6 +471,13 @@ class DenseCLIP(nn.Module):
         else:
             import open_clip
             model_cfg = open_clip.get_model_config(name)
+        if kwargs.get("method") == "proxyclip" and kwargs.get("vfm") is None:   # the VFM's weights from a file
+            ck = kwargs.pop("vfm_checkpoint", None)
+            if ck is None:
+                raise ValueError("method 'proxyclip' needs vfm_checkpoint, a local weights file of the VFM "
+                                 "(DINO ViT-B/8 for timm's vit_base_patch8_224.dino), or vfm=TimmVFM(...)")
+            kwargs["vfm"] = TimmVFM(kwargs.pop("vfm_name", None) or TrainingFreeConfig().vfm, checkpoint=ck)
+        kwargs.pop("vfm_checkpoint", None); kwargs.pop("vfm_name", None)
         vis, txt = create_clip(f"open_clip:{p if p.is_dir() else name}", pretrained=pretrained)
         kwargs.setdefault("mean", vis.mean); kwargs.setdefault("std", vis.std)
         return cls(vis.model, model_cfg=model_cfg, text_encoder=txt, **kwargs)
@@ -132,10 +508,41 @@ class DenseCLIP(nn.Module):
     @torch.no_grad()
     def predict(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         "Per-class logits `(B, K, H, W)` at the input resolution."
-        feats = self.dense_embeddings(images01)
+        if self.method == "maskclip" and not (self.slide_crop or self.short_side):   # MaskCLIP, as it always was
+            feats = self.dense_embeddings(images01)
+            text = self.class_embeddings(class_names)
+            logits = self.logit_scale * torch.einsum("bdhw,kd->bkhw", feats, text)
+            return F.interpolate(logits, size=images01.shape[-2:], mode="bilinear", align_corners=False)
+        H, W = images01.shape[-2:]
+        x = images01.float().to(self.mean.device)
+        if self.short_side:                                   # mmseg Resize(scale=(2048, short_side), keep_ratio)
+            s = min(2048 / max(H, W), self.short_side / min(H, W))
+            x = F.interpolate(x, size=(int(H * s + 0.5), int(W * s + 0.5)), mode="bilinear", align_corners=False)
         text = self.class_embeddings(class_names)
-        logits = self.logit_scale * torch.einsum("bdhw,kd->bkhw", feats, text)
-        return F.interpolate(logits, size=images01.shape[-2:], mode="bilinear", align_corners=False)
+        fn = lambda crop: self._window_logits(crop, text)
+        logits = sliding_window(fn, x, self.slide_crop, self.slide_stride, len(text)) if self.slide_crop else fn(x)
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        if self.tf.pamr_steps and self.method in ("naclip", "scclip"):
+            img = (images01.float().to(logits.device) - self.mean) / self.std
+            logits = pamr(img, logits, self.tf.pamr_steps, self.tf.pamr_dilations)
+        return logits
+
+    def _window_logits(self, x01: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        "Logits `(B, K, h, w)` of one window in [0, 1]: normalised, padded to a patch multiple, cut back."
+        if self.method == "maskclip":
+            return self.logit_scale * F.interpolate(torch.einsum("bdhw,kd->bkhw", self.dense_embeddings(x01), text),
+                                                    size=x01.shape[-2:], mode="bilinear", align_corners=False)
+        h, w = x01.shape[-2:]
+        m = self.pad_to or math.lcm(*self.patch_size, *(self.vfm.patch_size if self.vfm is not None else ()))
+        ph, pw = -h % m, -w % m
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        x = F.pad((x01 - self.mean) / self.std, pad)          # zeros after normalising: the mean colour
+        vfm = self.vfm(x * self.std + self.mean) if self.vfm is not None else None
+        feats = training_free_tokens(self.clip.visual, x, self.tf, self.residual, self.mlp, vfm_feats=vfm,
+                                     text=text, logit_scale=self.logit_scale)
+        logits = self.logit_scale * torch.einsum("bdhw,kd->bkhw", F.normalize(feats.float(), dim=1), text)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., pad[2]:pad[2] + h, pad[0]:pad[0] + w]
 
     def forward(self, images01, class_names): return self.predict(images01, class_names)
 
@@ -143,7 +550,11 @@ class DenseCLIP(nn.Module):
     def config(self) -> dict:
         "JSON-able settings; with the state dict they rebuild the model (`from_config`)."
         return dict(model_cfg=self.model_cfg, templates=self.templates, residual=self.residual, mlp=self.mlp,
-                    logit_scale=self.logit_scale, mean=self.mean.flatten().tolist(), std=self.std.flatten().tolist())
+                    logit_scale=self.logit_scale, mean=self.mean.flatten().tolist(), std=self.std.flatten().tolist(),
+                    method=self.method, method_options={k: (list(v) if isinstance(v, tuple) else v)
+                                                        for k, v in asdict(self.tf).items() if k != "method"},
+                    slide_crop=self.slide_crop, slide_stride=self.slide_stride, short_side=self.short_side,
+                    pad_to=self.pad_to, vfm_name=self.vfm.name if self.vfm is not None else None)
 
     @classmethod
     def from_config(cls, config: dict) -> "DenseCLIP":
@@ -155,7 +566,7 @@ class DenseCLIP(nn.Module):
         c.pop("clip", None); c.pop("pretrained", None)
         if not c.get("model_cfg"):
             raise ValueError("a denseclip config needs model_cfg (the open_clip architecture) or clip (a CLIP spec)")
-        return cls(open_clip.CLIP(**c.pop("model_cfg")), model_cfg=config["model_cfg"], **c)
+        return cls(open_clip.CLIP(**c.pop("model_cfg")), model_cfg=config["model_cfg"], **c)   # a VFM from vfm_name
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         "Write `config.json` (arch 'denseclip') and `model.safetensors` through `ovseg.train.save_pretrained`."
@@ -174,3 +585,238 @@ class DenseCLIP(nn.Module):
 # %% ../nbs/13_denseclip.ipynb #08b4b2d6
 from .train import register_arch
 register_arch("denseclip", DenseCLIP)
+
+# %% ../nbs/13_denseclip.ipynb #tf000103
+TF_BENCHMARKS = ("voc21", "pc60", "coco_object", "voc20", "cityscapes", "pc59", "ade150", "coco_stuff171")
+
+# the harness's extra names of a class (its cls_*.txt line): class 0 of VOC-21 and COCO-Object is these words
+# (wangf3014/SCLIP@b56bd30:configs/cls_voc21.txt:1, cls_coco_object.txt:1; the five other repos use the same)
+BACKGROUND_WORDS = ("sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk",
+                    "bed", "building", "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain",
+                    "stair", "floor", "hill", "rail", "fence")
+PROXYCLIP_COCO_BACKGROUND = ("sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands",
+                             "desk", "bed", "building", "cloud", "floor", "hill", "rail")   # its cls_coco_object.txt:1
+PERSON_WORDS = ("person", "person in shirt", "person in jeans", "person in dress", "person in sweater",
+                "person in skirt", "person in jacket")                  # cls_voc21.txt:16
+TV_WORDS = ("television monitor", "tv monitor", "monitor", "television", "screen")   # cls_voc21.txt:21
+
+@dataclass(frozen=True)
+class TFProtocol:
+    """One method's evaluation settings on one benchmark, as its official mmseg config sets them: images resized
+    to `short_side` (long side at most 2048), sliding windows `slide_crop`/`slide_stride` (0: the whole image),
+    the 80 ImageNet templates, `logit_scale` before the softmax over class names, pixels whose top probability
+    is below `prob_thd` set to class 0, and (`area_thd` > 0) classes covering at most that share of the
+    non-background prediction dropped. `synonyms` maps a class index to the names whose best probability
+    stands for it; `method_options` go to `TrainingFreeConfig`."""
+    short_side: int = 336
+    slide_crop: int = 224
+    slide_stride: int = 112
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    pad_to: int = 0
+    templates: str = "imagenet80"
+    synonyms: tuple = ()                     # ((class index, (name, ...)), ...)
+    method_options: tuple = ()               # ((field, value), ...)
+    source: str = ""
+
+    def __post_init__(self):
+        for n in ("short_side", "slide_crop", "slide_stride", "pad_to"):
+            if getattr(self, n) < 0: raise ValueError(f"{n} must be >= 0, got {getattr(self, n)}")
+        if self.slide_crop and not self.slide_stride: raise ValueError("slide_crop needs slide_stride > 0")
+        if not 0 <= self.prob_thd < 1 or not 0 <= self.area_thd < 1:
+            raise ValueError(f"prob_thd and area_thd must be in [0, 1), got {self.prob_thd}, {self.area_thd}")
+        if self.logit_scale <= 0: raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+
+    def model_kwargs(self) -> dict:
+        "`DenseCLIP` keyword arguments of this protocol."
+        return dict(templates=self.templates, logit_scale=self.logit_scale, slide_crop=self.slide_crop,
+                    slide_stride=self.slide_stride, short_side=self.short_side, pad_to=self.pad_to,
+                    method_options=dict(self.method_options))
+
+_REPOS = {"maskclip": "wangf3014/SCLIP@b56bd30", "sclip": "wangf3014/SCLIP@b56bd30",
+          "clearclip": "mc-lan/ClearCLIP@ad68a40", "naclip": "sinahmr/NACLIP@0cac3a6",
+          "proxyclip": "mc-lan/ProxyCLIP@e7b767f", "scclip": "SuleBai/SC-CLIP@0417ba9",
+          "resclip": "yvhangyang/ResCLIP@0e085f7"}
+_CFG = {"voc21": "cfg_voc21.py", "voc20": "cfg_voc20.py", "pc60": "cfg_context60.py", "pc59": "cfg_context59.py",
+        "coco_object": "cfg_coco_object.py", "coco_stuff171": "cfg_coco_stuff164k.py",
+        "cityscapes": "cfg_city_scapes.py", "ade150": "cfg_ade20k.py"}
+# the segmentor's defaults (logit_scale, window, stride, ...) and the configs' test-pipeline short side
+_BASE = {"maskclip": dict(), "sclip": dict(), "clearclip": dict(logit_scale=50.0, slide_crop=448, slide_stride=224,
+                                                                 short_side=448),
+         "naclip": dict(method_options=(("pamr_steps", 10),)), "proxyclip": dict(slide_crop=336, pad_to=56),
+         "scclip": dict(), "resclip": dict()}
+_SHORT = {"cityscapes": 560}
+_PER = {   # (method, dataset) -> the config's own settings
+    ("sclip", "voc21"): dict(logit_scale=65.0, prob_thd=0.1, area_thd=0.1), ("sclip", "pc60"): dict(logit_scale=50.0, prob_thd=0.1),
+    ("sclip", "coco_object"): dict(logit_scale=50.0, prob_thd=0.1), ("sclip", "coco_stuff171"): dict(short_side=448),
+    ("clearclip", "voc21"): dict(prob_thd=0.5), ("clearclip", "pc60"): dict(prob_thd=0.15),
+    ("clearclip", "coco_object"): dict(prob_thd=0.4), ("clearclip", "cityscapes"): dict(slide_crop=224, short_side=448),
+    ("naclip", "voc21"): dict(prob_thd=0.1, slide_crop=0), ("naclip", "voc20"): dict(slide_crop=0),
+    ("naclip", "pc60"): dict(prob_thd=0.1), ("naclip", "coco_object"): dict(prob_thd=0.1),
+    ("proxyclip", "voc21"): dict(prob_thd=0.2), ("proxyclip", "pc60"): dict(prob_thd=0.15),
+    ("proxyclip", "coco_object"): dict(prob_thd=0.25), ("proxyclip", "ade150"): dict(short_side=448),
+    ("proxyclip", "cityscapes"): dict(short_side=448, slide_crop=224),
+    ("scclip", "voc21"): dict(logit_scale=50.0, prob_thd=0.15, area_thd=0.1), ("scclip", "pc60"): dict(prob_thd=0.15),
+    ("scclip", "coco_object"): dict(logit_scale=55.0, prob_thd=0.35),
+    ("resclip", "voc21"): dict(prob_thd=0.1, slide_crop=0, method_options=(("temp_thd", 0.5), ("rcs_weights", (2.0, 0.3)), ("sfr_weights", (2.2, 0.7)))),
+    ("resclip", "voc20"): dict(slide_crop=0, method_options=(("temp_thd", 0.1), ("rcs_weights", (2.0, 0.6)), ("sfr_weights", (2.1, 0.6)))),
+    ("resclip", "pc60"): dict(prob_thd=0.1, method_options=(("temp_thd", 0.3), ("rcs_weights", (2.0, 0.3)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "pc59"): dict(method_options=(("temp_thd", 0.25), ("rcs_weights", (2.0, 0.4)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "coco_object"): dict(prob_thd=0.1, method_options=(("temp_thd", 0.11), ("rcs_weights", (2.0, 0.4)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "coco_stuff171"): dict(method_options=(("temp_thd", 0.11), ("rcs_weights", (2.0, 0.4)), ("sfr_weights", (1.8, 0.7)))),
+    ("resclip", "cityscapes"): dict(method_options=(("temp_thd", 0.1), ("rcs_weights", (2.0, 0.2)), ("sfr_weights", (2.1, 0.6)))),
+    ("resclip", "ade150"): dict(method_options=(("temp_thd", 0.25), ("rcs_weights", (2.0, 0.3)), ("sfr_weights", (2.1, 0.7)))),
+}
+
+def _preset(method: str, dataset: str) -> TFProtocol:
+    kw = dict(_BASE[method])
+    if dataset in _SHORT: kw["short_side"] = _SHORT[dataset]
+    if method == "clearclip": kw["short_side"] = 448
+    if method == "proxyclip" and dataset in ("ade150", "cityscapes"): kw["short_side"] = 448
+    per = dict(_PER.get((method, dataset), {}))
+    opts = dict(kw.pop("method_options", ())); opts.update(dict(per.pop("method_options", ())))
+    kw.update(per)
+    syn = []
+    if dataset in ("voc21", "coco_object"):
+        syn.append((0, PROXYCLIP_COCO_BACKGROUND if (method, dataset) == ("proxyclip", "coco_object") else BACKGROUND_WORDS))
+    if dataset in ("voc21", "voc20", "coco_object") and method != "proxyclip":
+        person = {"voc21": 15, "voc20": 14, "coco_object": 1}[dataset]
+        syn.append((person, PERSON_WORDS + (("body",) if dataset == "coco_object" else ())))
+        if dataset != "coco_object": syn.append((person + 5, TV_WORDS))
+    src = f"{_REPOS[method]}:configs/{_CFG[dataset]}" + ("" if method != "maskclip" else " (SCLIP's harness; MaskCLIP has none)")
+    return TFProtocol(**kw, synonyms=tuple(syn), method_options=tuple(opts.items()), source=src)
+
+TF_PRESETS: dict[tuple[str, str], TFProtocol] = {(m, d): _preset(m, d) for m in TF_METHODS for d in TF_BENCHMARKS}
+
+def protocol_queries(class_names: Sequence[str], protocol: TFProtocol) -> tuple[list[str], list[int]]:
+    "The names the harness scores (a class's synonyms in place of its name) and the class of each."
+    syn = dict(protocol.synonyms)
+    if syn and max(syn) >= len(class_names):
+        raise ValueError(f"the protocol names synonyms for class {max(syn)} but there are {len(class_names)} classes")
+    names, idx = [], []
+    for i, n in enumerate(class_names):
+        for s in syn.get(i, (n,)): names.append(s); idx.append(i)
+    return names, idx
+
+def protocol_labels(logits: torch.Tensor, query_idx: Sequence[int], protocol: TFProtocol) -> torch.Tensor:
+    """Class labels `(B, H, W)` from per-name logits `(B, Q, H, W)` (already scaled by `logit_scale`): softmax over
+    names, each class's best name, classes with too small an area dropped, low-confidence pixels set to 0."""
+    p = logits.float().softmax(1)
+    idx = torch.as_tensor(query_idx, device=p.device)
+    K = int(idx.max()) + 1
+    probs = p.new_full((p.shape[0], K, *p.shape[2:]), -1.0).scatter_reduce(
+        1, idx.view(1, -1, 1, 1).expand_as(p), p, "amax", include_self=True)
+    if protocol.area_thd > 0 and K > 1:
+        hard = F.one_hot(probs.argmax(1), K).sum((1, 2))                     # (B, K) pixels per class
+        keep = (hard[:, 1:] > protocol.area_thd * hard[:, 1:].sum(1, keepdim=True)).to(probs.dtype)
+        probs = torch.cat([probs[:, :1], probs[:, 1:] * keep[..., None, None]], 1)
+    conf, lab = probs.max(1)
+    lab[conf < protocol.prob_thd] = 0
+    return lab
+
+@torch.no_grad()
+def evaluate_protocol(model: nn.Module, dataset, protocol: TFProtocol | None = None, limit: int = 0,
+                      device="cpu") -> dict:
+    """mIoU (%, mmseg's `IoUMetric` via `ovseg.metrics.SemanticMetric`) of `model` (predict -> per-name logits) on
+    a semantic `dataset` with the harness's names and post-processing (`protocol`; None: plain arg-max over the
+    dataset's class names); the first `limit` images (0: all)."""
+    from ovseg.metrics import SemanticMetric
+    import time
+    protocol = protocol or TFProtocol()
+    names = list(dataset.class_names)
+    queries, idx = protocol_queries(names, protocol)
+    metric = SemanticMetric(len(names))
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    t = time.perf_counter()
+    for i in range(n):
+        s = dataset[i]
+        logits = model.predict(s["image"][None].to(device), queries)
+        metric.update(protocol_labels(logits, idx, protocol)[0].cpu(), s["label"])
+    return dict(mIoU=100 * metric.compute()["mIoU"], images=n, s_per_image=(time.perf_counter() - t) / max(n, 1))
+
+# %% ../nbs/13_denseclip.ipynb #tf000105
+CITYSCAPES19 = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+                "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+
+@register_dataset("cityscapes")
+class Cityscapes(SemanticDataset):
+    """Cityscapes fine annotations, 19 evaluation classes, in mmseg's layout (`cityscapes/leftImg8bit/<split>/<city>/
+    *_leftImg8bit.png` and `cityscapes/gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`, written by
+    cityscapesscripts' createTrainIdLabelImgs); 255 is ignored."""
+    name, subdir = "cityscapes", "cityscapes"
+    raw_class_names = CITYSCAPES19
+    class_names = CITYSCAPES19
+    def _index(self):
+        d = _split_dir(self.split, {"train": "train", "val": "val"})
+        idir = _check_exists(self.dir / "leftImg8bit" / d, self.name, self.root)
+        out = []
+        for p in sorted(idir.glob("*/*_leftImg8bit.png")):
+            stem = p.name[: -len("_leftImg8bit.png")]
+            out.append((p, self.dir / "gtFine" / d / p.parent.name / f"{stem}_gtFine_labelTrainIds.png", stem))
+        return out
+
+PREPARE.setdefault("cityscapes", dict(archives=[
+    Archive(None, "leftImg8bit_trainvaltest.zip", None, "cityscapes", "Cityscapes needs registration at "
+            "https://www.cityscapes-dataset.com/; unpack leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into "
+            "cityscapes/ and write the *_labelTrainIds.png masks with cityscapesscripts' createTrainIdLabelImgs")]))
+
+# %% ../nbs/13_denseclip.ipynb #tf000108
+# published mIoU (ViT-B/16) from the repositories' READMEs: method -> ({benchmark: mIoU}, source)
+TF_PUBLISHED: dict[str, tuple[dict, str]] = {
+    "sclip": (dict(voc21=59.63, pc60=31.74, coco_object=33.52, voc20=81.54, cityscapes=32.34, pc59=34.46,
+                   ade150=16.45, coco_stuff171=22.77), "wangf3014/SCLIP@b56bd30:README.md:68-78"),
+    "clearclip": (dict(voc21=51.8, pc60=32.6, coco_object=33.0, voc20=80.9, cityscapes=30.0, pc59=35.9, ade150=16.7,
+                       coco_stuff171=23.9),
+                  "mc-lan/ClearCLIP@ad68a40:README.md:90-93 (5 without background); "
+                  "yvhangyang/ResCLIP@0e085f7:README.md:33-35 (VOC-21, PC-60, COCO-Object)"),
+    "naclip": (dict(voc21=64.07, pc60=34.99, coco_object=36.19, voc20=83.03, cityscapes=38.27, pc59=38.35,
+                    ade150=19.05, coco_stuff171=25.69), "sinahmr/NACLIP@0cac3a6:README.md:60-90 (with PAMR)"),
+    "proxyclip": ({}, "mc-lan/ProxyCLIP@e7b767f:README.md:46 (only the 8-benchmark average, 44.4)"),
+    "scclip": ({}, "SuleBai/SC-CLIP@0417ba9:README.md (no figures)"),
+    "resclip": (dict(voc21=61.1, pc60=33.5, coco_object=35.0, voc20=86.0, cityscapes=35.9, pc59=36.8, ade150=18.0,
+                     coco_stuff171=24.7), "yvhangyang/ResCLIP@0e085f7:README.md:29-35 (ResCLIP on NACLIP)"),
+    "maskclip": (dict(voc20=74.9, pc59=26.4, coco_stuff171=16.4, cityscapes=12.6, ade150=9.8, voc21=38.8, pc60=23.6,
+                      coco_object=20.6), "yvhangyang/ResCLIP@0e085f7:README.md:29-35 (MaskCLIP row)"),
+}
+
+def scaled_layer_options(method: str, n_blocks: int) -> dict:
+    """SC-CLIP's and ResCLIP's block indices (chosen for ViT-B's 12 blocks) mapped to a tower of `n_blocks`
+    (index * n_blocks // 12), e.g. for the embedded CLIP; {} for the other methods or a 12-block tower."""
+    if n_blocks == 12 or method not in ("scclip", "resclip"): return {}
+    if n_blocks < 3: raise ValueError(f"{method} needs a tower of at least 3 blocks, got {n_blocks}")
+    f = lambda i: min(i * n_blocks // 12, n_blocks - 2)
+    c = TrainingFreeConfig()
+    if method == "resclip": return dict(rcs_layers=tuple(sorted({f(i) for i in c.rcs_layers})))
+    return dict(pre_adjust_idx=f(c.pre_adjust_idx), post_adjust_idx=f(c.post_adjust_idx),
+                multi_start_idx=f(c.multi_start_idx),
+                multi_end_idx=max(min(c.multi_end_idx * n_blocks // 12, n_blocks - 1), f(c.multi_start_idx) + 1))
+
+@dataclass
+class TrainingFreeSettings:
+    """The `training_free` stage: `methods` x `benchmarks` with `model` (an open_clip name + `pretrained`, or an
+    open_clip directory such as the embedded CLIP), each method at `TF_PRESETS` (benchmark `world`: the embedded
+    world, whole images, a code-path check), the first `limit` images of each split (0: all)."""
+    methods: list = field(default_factory=lambda: list(TF_METHODS))
+    benchmarks: list = field(default_factory=lambda: list(TF_BENCHMARKS))
+    model: str = "ViT-B-16-quickgelu"       # OpenAI weights need QuickGELU
+    pretrained: str | None = "openai"
+    vfm: str = "vit_base_patch8_224.dino"
+    vfm_checkpoint: str | None = "weights/dino_vitb8.safetensors"
+    data_root: str = "data"
+    limit: int = 0
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in TF_METHODS]
+        if bad: raise ValueError(f"training_free.methods: {bad} not in {list(TF_METHODS)}")
+        bad = [b for b in self.benchmarks if b not in TF_BENCHMARKS + ("world",)]
+        if bad: raise ValueError(f"training_free.benchmarks: {bad} not in {list(TF_BENCHMARKS) + ['world']}")
+        if self.limit < 0: raise ValueError(f"training_free.limit must be >= 0, got {self.limit}")
+
+    @classmethod
+    def for_profile(cls, profile: str) -> "TrainingFreeSettings":
+        "The defaults of a profile: `paper` the published setting; `embedded` the embedded CLIP on the world."
+        if profile == "embedded":
+            return cls(benchmarks=["world"], model="outputs/embedded_clip", pretrained=None, vfm="vit_tiny_patch16_224",
+                       vfm_checkpoint=None, limit=32)
+        return cls()
