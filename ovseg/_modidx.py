@@ -35,6 +35,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'ovseg.cli._positive_int': ('cli.html#_positive_int', 'ovseg/cli.py'),
                            'ovseg.cli._quiet_libraries': ('cli.html#_quiet_libraries', 'ovseg/cli.py'),
                            'ovseg.cli._read_label': ('cli.html#_read_label', 'ovseg/cli.py'),
+                           'ovseg.cli._tf': ('cli.html#_tf', 'ovseg/cli.py'),
                            'ovseg.cli._unit_float': ('cli.html#_unit_float', 'ovseg/cli.py'),
                            'ovseg.cli._warn': ('cli.html#_warn', 'ovseg/cli.py'),
                            'ovseg.cli.cli_words': ('cli.html#cli_words', 'ovseg/cli.py'),

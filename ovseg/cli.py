@@ -9,6 +9,7 @@ import argparse, json, logging, os, re, sys, warnings
 from pathlib import Path
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+TF_METHODS = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "scclip", "resclip")   # = ovseg.denseclip.TF_METHODS (no torch import here)
 
 def _default_model() -> str:
     return os.environ.get("OVSEG_MODEL", "outputs/embedded_clip")
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help=_MODEL_HELP)
     s.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH", help=_PRETRAINED_HELP)
     s.add_argument("--device", type=_device, default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    s.add_argument("--method", choices=TF_METHODS, default=None, help="training-free method for an open_clip --model "
+                   "(default maskclip; docs/training-free.md)")
+    s.add_argument("--vfm-checkpoint", default=None, metavar="PATH", help="ProxyCLIP's DINO ViT-B/8 weights (safetensors)")
     s.add_argument("--overwrite", action="store_true", help="replace output files that already exist in --out")
     s.add_argument("--allow-weights-mismatch", action="store_true", help="run a checkpoint even though its frozen "
                    "encoders' weights differ from those it was trained with (labels will differ)")
@@ -76,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="as for `ovseg segment`")
     e.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH", help="as for `ovseg segment`")
     e.add_argument("--device", type=_device, default="auto", help="as for `ovseg segment`")
+    e.add_argument("--method", choices=TF_METHODS, default=None, help="as for `ovseg segment`")
+    e.add_argument("--vfm-checkpoint", default=None, metavar="PATH", help="as for `ovseg segment`")
     e.add_argument("--allow-weights-mismatch", action="store_true", help="as for `ovseg segment`")
     e.add_argument("--window", type=_positive_int, default=448); e.add_argument("--stride", type=_positive_int, default=224)
     e.add_argument("--short-side", type=_positive_int, default=448)
@@ -105,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'cli_words', 'scan_folder', 'main']
+__all__ = ['IMAGE_EXTS', 'TF_METHODS', 'cli_words', 'scan_folder', 'main']
 
 # %% ../nbs/15_cli.ipynb #c7618f12
 from .inputs import shorten      # messages are cut between words, never inside one
@@ -155,6 +161,15 @@ def _check_out_dir(out: Path) -> str | None:
     if out.exists() and not out.is_dir(): return f"--out {out} is a file; it must be a folder (it is created if missing)"
     return None
 
+def _tf(a, spec) -> dict:
+    "--method / --vfm-checkpoint as load_model options; refused for a trained checkpoint (they choose a training-free method)."
+    from ovseg.inputs import SegmentError, check_model_spec
+    tf = {k: v for k, v in (("method", a.method), ("vfm_checkpoint", a.vfm_checkpoint)) if v is not None}
+    if tf and check_model_spec(spec, a.pretrained) == "checkpoint":
+        raise SegmentError(f"--method / --vfm-checkpoint choose a training-free method for an open_clip --model; {spec} "
+                           "is a trained model")
+    return tf
+
 def _loading(spec, pretrained) -> None:
     what = f"{spec}" + (f" with weights {pretrained}" if pretrained else "")
     print(f"ovseg: loading {what} …", file=sys.stderr, flush=True)
@@ -198,7 +213,7 @@ def _cmd_segment(a) -> int:
     from ovseg.segment import load_model, save_result, segment
     from ovseg.core import progress
     if existing: print(f"ovseg: replacing {len(existing)} existing output file(s) in {out}", file=sys.stderr)
-    model = load_model(spec, a.pretrained, allow_encoder_mismatch=a.allow_weights_mismatch, device=a.device)
+    model = load_model(spec, a.pretrained, allow_encoder_mismatch=a.allow_weights_mismatch, device=a.device, **_tf(a, spec))
     kw = dict(model=model, background_threshold=a.background_threshold, window=a.window, stride=a.stride,
               short_side=a.short_side, device=a.device)
     if src.is_file():
@@ -272,7 +287,7 @@ def _cmd_eval(a) -> int:
     from ovseg.segment import load_model, segment
     from ovseg.metrics import SemanticMetric, metrics_json
     from ovseg.core import progress, atomic_write_text
-    model = load_model(spec, a.pretrained, allow_encoder_mismatch=a.allow_weights_mismatch, device=a.device)
+    model = load_model(spec, a.pretrained, allow_encoder_mismatch=a.allow_weights_mismatch, device=a.device, **_tf(a, spec))
     metric = SemanticMetric(len(classes), class_names=classes)
     skipped = [f"{p.name}: {why}" for p, why in bad]
     for f, lp in progress(pairs, desc="eval"):

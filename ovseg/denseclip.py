@@ -562,6 +562,11 @@ class DenseCLIP(nn.Module):
         `clip`, a CLIP spec, with `pretrained` (`from_open_clip`): `ovseg.train.build_model("denseclip", ...)`."""
         import open_clip
         c = dict(config)
+        for k in ("residual", "mlp"):      # a string is never a boolean: "false" would be true
+            if k in c and not isinstance(c[k], bool):
+                raise ValueError(f"setting {k!r} = {c[k]!r} must be true or false")
+        if c.get("method") is not None and c["method"] not in TF_METHODS:
+            raise ValueError(f"method {c['method']!r} is not one of {', '.join(TF_METHODS)}")
         if c.get("clip"): return cls.from_open_clip(c.pop("clip"), c.pop("pretrained", None), **c)
         c.pop("clip", None); c.pop("pretrained", None)
         if not c.get("model_cfg"):

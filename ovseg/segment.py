@@ -172,7 +172,7 @@ def _label_stripes(logits: torch.Tensor, size: tuple[int, int], background_thres
 def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrained: str | None = None,
             background_threshold: float | None = None, window: int = 448, stride: int = 224,
             short_side: int | None = 448, keep_image: bool = True, device: str | torch.device | None = "auto",
-            ) -> SegmentResult:
+            method: str | None = None, vfm_checkpoint: str | None = None) -> SegmentResult:
     """Segment `image` into `classes` with `model`; returns a `SegmentResult` (label map at the image's size).
 
     image: a file path, PIL image, NumPy array (H, W[, C]) or tensor (C, H, W) in [0, 1]; EXIF orientation
@@ -193,6 +193,9 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
         the label map is always returned at the image's own size.
     keep_image: keep the RGB input in the result (for `overlay`); False saves memory in batch runs.
     device: `"auto"` (CUDA when available), `"cpu"`, `"cuda"` or `"cuda:N"`; the model runs there.
+    method: for a bare CLIP (open_clip name or folder): the training-free method, one of `maskclip` (default),
+        `sclip`, `clearclip`, `naclip`, `proxyclip`, `scclip`, `resclip` (`ovseg.denseclip`, docs/training-free.md).
+    vfm_checkpoint: ProxyCLIP's vision foundation model weights (DINO ViT-B/8 safetensors; docs/training-free.md).
     """
     names = parse_classes(classes)
     if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
@@ -204,7 +207,11 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
     if isinstance(model, nn.Module) and device in (None, "auto"):
         dev = next((t.device for t in model.parameters()), torch.device("cpu"))   # a module stays where it is
     else: dev = resolve_device(device)
-    m = load_model(model, pretrained, device=dev)
+    tf = {k: v for k, v in (("method", method), ("vfm_checkpoint", vfm_checkpoint)) if v is not None}
+    if tf and (isinstance(model, nn.Module) or (model is not None and check_model_spec(str(model), pretrained) == "checkpoint")):
+        raise SegmentError(f"method / vfm_checkpoint choose a training-free method for a bare CLIP (an open_clip name or "
+                           f"folder); {model if not isinstance(model, nn.Module) else type(model).__name__} is a trained model")
+    m = load_model(model, pretrained, device=dev, **tf)
     if isinstance(m, nn.Module): m.to(dev)
     try: img = read_image(image)
     except (ImageError, CorruptFileError) as e: raise SegmentError(str(e)) from None

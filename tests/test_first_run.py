@@ -198,3 +198,21 @@ def test_device_cuda_without_gpu_is_one_clear_error(photo, capsys):
                  "--device", "cuda", "--out", str(photo.parent / "o")]) == 2
     err = capsys.readouterr().err
     assert "no CUDA" in err and "--device cpu" in err
+
+
+def test_training_free_method_from_python_and_cli(tmp_path, capsys):
+    "ovseg.segment(..., method=) and `ovseg segment --method` reach the training-free switch; a trained model refuses it."
+    from ovseg.testing import tiny_clip_dir
+    clip = tiny_clip_dir(tmp_path / "clip")
+    img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
+    a = ovseg.segment(img, "a, b, c", model=str(clip), method="sclip", device="cpu")
+    b = ovseg.segment(img, "a, b, c", model=str(clip), device="cpu")
+    assert not torch.equal(a.probs, b.probs)            # the switch changes the last block
+    Image.fromarray(img).save(tmp_path / "p.png")
+    assert main(["segment", str(tmp_path / "p.png"), "--classes", "a, b", "--model", str(clip), "--method", "clearclip",
+                 "--out", str(tmp_path / "o")]) == 0
+    with pytest.raises(SystemExit) as e:                # argparse: the choices are listed
+        main(["segment", str(tmp_path / "p.png"), "--classes", "a, b", "--model", str(clip), "--method", "nope",
+              "--out", str(tmp_path / "o2")])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -232,3 +232,12 @@ def test_12_resume_reports_the_same_running_loss(tmp_path):
     col = la[0].split("\t").index("loss")
     assert [l.split("\t")[col] for l in la[1:]] == [l.split("\t")[col] for l in lb[1:]]
     assert json.loads((tmp_path / "a/metrics.json").read_text())["train_loss"] == json.loads((tmp_path / "b/metrics.json").read_text())["train_loss"]
+
+
+def test_09_residual_yes_in_a_dense_clip_config_is_an_error(clip, tmp_path):
+    from ovseg.denseclip import DenseCLIP
+    d = DenseCLIP.from_open_clip(str(clip)).save_pretrained(tmp_path / "dc")
+    meta = json.loads((d / "config.json").read_text()); meta["config"]["residual"] = "yes"
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="'residual' = 'yes' must be true or false"):
+        from_pretrained(d)
