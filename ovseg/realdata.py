@@ -20,7 +20,7 @@ from .data import (DatasetNotFoundError, SemanticDataset, _check_exists, _lut, c
 
 # %% auto #0
 __all__ = ['CAMVID_RAW', 'CAMVID_THINGS', 'CAMVID_FOLDS', 'find_data', 'camvid_fold_classes', 'CamVid', 'CamVidFeatures',
-           'CamVidEpisodes', 'flickr8k_captions']
+           'CamVidEpisodes', 'flickr8k_captions', 'camvid_semantic', 'camvid_floors', 'CamVidFusioner']
 
 # %% ../nbs/04b_realdata.ipynb #050d9764
 def _shared_roots() -> list[Path]:
@@ -171,3 +171,99 @@ def flickr8k_captions(root=None, split: str = "train", n_train: int = 800, size:
     cl.files, cl.captions = [r[0] for r in rows], [r[1] for r in rows]
     cl.images = [f for f in images if f in keep]
     return cl
+
+# %% ../nbs/04b_realdata.ipynb #57ce753e
+@torch.no_grad()
+def camvid_semantic(model: nn.Module, features: CamVidFeatures, unseen: Sequence[int], batch_size: int = 16) -> dict:
+    "Semantic zero-shot scores of a Fusioner-like `model` (head on dense features) over all 11 CamVid classes."
+    from ovseg.metrics import SemanticMetric
+    model.eval()
+    names = CamVid.class_names
+    emb = model.class_embeddings(names)
+    metric = SemanticMetric(len(names))
+    size = tuple(features.labels.shape[-2:])
+    for i in range(0, len(features.labels), batch_size):
+        dense = features.dense[i:i + batch_size].to(emb.device)
+        metric.update(model(dense, emb, size).argmax(1).cpu(), features.labels[i:i + batch_size].long())
+    r = metric.compute(unseen=list(unseen))
+    return {k: 100 * r[k] for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc")}
+
+def camvid_floors(features: CamVidFeatures, fold: int) -> dict:
+    """What no model needs to learn: episodic mIoU / FB-IoU when every pixel is called foreground (all-background
+    scores 0 on the unseen classes), and the semantic scores of calling every pixel the most frequent class, road."""
+    from ovseg.metrics import EpisodicMetric, SemanticMetric
+    eps = CamVidEpisodes(features, camvid_fold_classes(fold))
+    m = EpisodicMetric(eps.classes, num_classes=11)
+    for k in range(len(eps)):
+        s = eps[k]; m.update(torch.ones_like(s["label"], dtype=torch.bool), s["label"], s["class_id"])
+    r = m.compute()
+    sm = SemanticMetric(11)
+    road = CAMVID_RAW.index("road")
+    sm.update(torch.full_like(features.labels, road, dtype=torch.long), features.labels.long())
+    s = sm.compute(unseen=camvid_fold_classes(fold))
+    return {"all_fg_mIoU": 100 * r["mIoU"], "all_fg_FB_IoU": 100 * r["FB_IoU"],
+            **{f"road_{k}": 100 * s[k] for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc")}}
+
+class CamVidFusioner:
+    """Fusioner on CamVid for `ovseg.experiment.run_grid`: frozen encoders once per spec, dense features of
+    `splits` once per visual encoder at `size` (training labels at `train_label_size`), fresh heads per run."""
+    def __init__(self, root="data", size=(176, 240), train_label_size=(88, 120), splits=("train", "val", "test"),
+                 encoder_weights: dict | None = None, device="cpu", limit: int | None = None):
+        self.root, self.size, self.train_label_size, self.splits = root, tuple(size), train_label_size, tuple(splits)
+        self.weights, self.device, self.limit = dict(encoder_weights or {}), device, limit
+        self._enc, self._feats, self._names = {}, {}, {}
+
+    def encoders(self, fc):
+        from ovseg.fusioner import build_encoders, for_dataset
+        key = (fc.visual, fc.text, fc.visual_stride, fc.pretrained)
+        if key not in self._enc:
+            torch.manual_seed(0)   # random:<spec> encoders: the same random weights in every run
+            self._enc[key] = build_encoders(for_dataset(fc, "camvid", self.weights))
+        return self._enc[key]
+
+    def features(self, fc) -> dict[str, CamVidFeatures]:
+        key = (fc.visual, fc.visual_stride, fc.pretrained)
+        if key not in self._feats:
+            v, _ = self.encoders(fc)
+            self._feats[key] = {s: _limited(CamVidFeatures, v, self.root, s, self.size,
+                                            self.train_label_size if s == "train" else None, device=self.device,
+                                            limit=self.limit) for s in self.splits}
+        return self._feats[key]
+
+    def task(self, fc, max_train_episodes: int | None = None):
+        from ovseg.experiment import Task, evaluate_episodes
+        feats = self.features(fc)
+        def train(fold: int, seed: int):
+            unseen = camvid_fold_classes(fold)
+            return CamVidEpisodes(feats["train"], [c for c in range(11) if c not in unseen], ignore=unseen,
+                                  max_episodes=max_train_episodes, seed=seed)
+        def evaluate(model: nn.Module, fold: int) -> dict:
+            out = {}
+            for s in self.splits:
+                if s == "train": continue
+                e = evaluate_episodes(model, CamVidEpisodes(feats[s], camvid_fold_classes(fold)), batch_size=32,
+                                      device=self.device)
+                out.update({f"{s}_{k}": v for k, v in e.items()})
+                out.update({f"{s}_{k}": v for k, v in camvid_semantic(model, feats[s], camvid_fold_classes(fold)).items()})
+            return out
+        return Task(train, evaluate, "camvid episodes")
+
+    def build(self, fc):
+        from ovseg.fusioner import Fusioner
+        v, t = self.encoders(fc)
+        names = self._names.setdefault((fc.text, fc.templates), {})
+        def build(fold: int, seed: int):
+            m = Fusioner(fc, visual=v, text=t)
+            m._name_cache = names
+            m.class_embeddings(CamVid.class_names)
+            return m
+        return build
+
+def _limited(cls, visual, root, split, size, label_size, device="cpu", limit=None):
+    "CamVidFeatures of the first `limit` frames of `split` only (None: all): small smoke runs."
+    if limit is None: return cls(visual, root, split, size, label_size, device=device)
+    orig = CamVid._index
+    try:
+        CamVid._index = lambda self: orig(self)[:limit]
+        return cls(visual, root, split, size, label_size, device=device)
+    finally: CamVid._index = orig
