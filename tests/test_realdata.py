@@ -77,3 +77,26 @@ def test_flickr8k_split_by_image():
     assert s["image"].ndim == 3 and s["image"].shape[0] == 3 and isinstance(s["caption"], str) and s["caption"]
     assert s["id"] in te.images
     with pytest.raises(ValueError, match="n_train"): flickr8k_captions(split="train", n_train=1000)
+
+
+def test_real_pipeline_wiring():
+    "real/dvc.yaml: its own pipeline on profiles.real; the notebook it runs is a dependency, tagged, clean; make repro stays on dvc.yaml."
+    import nbformat, yaml
+    from ovseg.core import load_config
+    from ovseg.fusioner import pair_config, pair_spec
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "real/dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        assert st["wdir"] == ".." and "-p profile real" in st["cmd"]
+        script, notebook, out_dir = st["cmd"].split()[:3]
+        assert script == "scripts/run_notebook.sh" and notebook in st["deps"]
+        assert all((root / d).exists() for d in st["deps"]), name
+        nb = nbformat.read(root / notebook, as_version=4)
+        params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1 and f'"{out_dir}"' in params[0].source and "params_file" in params[0].source
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        assert all(p.startswith(("seed", "profiles.real.")) for p in st["params"])
+    runs = load_config(root / "params.yaml", "real").params.fusioner
+    assert [pair_spec(pair_config(runs.model, p)) for p in runs.pairs] == runs.pairs
+    assert "dvc repro dvc.yaml" in (root / "scripts/repro.sh").read_text()
+    assert "dvc repro real/dvc.yaml" in (root / "Makefile").read_text()
