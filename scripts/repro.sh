@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=$(python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['profile'])")
 echo "== dvc repro (profile: $profile) =="
-dvc repro
+dvc repro dvc.yaml   # the root pipeline only; the real-image one is `make repro-real` (real/dvc.yaml)
 echo
 echo "== figures for the README and docs (docs/img/) =="
 python scripts/refresh_figures.py
