@@ -736,7 +736,8 @@ class Mosaic4(torch.utils.data.Dataset):
 
 # %% ../nbs/04_data.ipynb #bbfa9dbc
 # datasets defined beside the method or data they belong to: known by name before their module is imported
-DATASET_MODULES = {"coco_panoptic": "ovseg.fisa", "ade_panoptic": "ovseg.fisa", "cityscapes": "ovseg.denseclip"}
+DATASET_MODULES = {"coco_panoptic": "ovseg.fisa", "ade_panoptic": "ovseg.fisa", "cityscapes": "ovseg.denseclip",
+                   "camvid": "ovseg.realdata"}
 
 def list_datasets() -> list[str]:
     "Names accepted by `create_dataset` and `prepare_dataset` (also those of `DATASET_MODULES`, not yet imported)."
