@@ -626,9 +626,12 @@ def _loader(dataset, batch_size: int, seed: int = 0, num_workers: int = 0):
                                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
 
 def generator_config(settings: FisaSettings, class_names: Sequence[str], unseen: Sequence[int], **overrides):
-    "The generator's ZsSegConfig: `settings.generator` over ZsSegConfig() (world) or `twostage.paper_config()` (real)."
+    """The generator's ZsSegConfig: `settings.generator` over ZsSegConfig() (world) or `twostage.paper_config()` (real),
+    there with the query head on CLIP's prompt templates (ASSUMPTION: FISA's generator is a panoptic proposer whose text
+    side is frozen CLIP; zsseg's learned prompts need its separate prompt-training step, which FISA does not describe)."""
     from ovseg.twostage import ZsSegConfig, paper_config
-    base = ZsSegConfig() if settings.benchmark == "world" else paper_config("coco-stuff")
+    base = ZsSegConfig() if settings.benchmark == "world" else \
+        paper_config("coco-stuff", prompt="templates", crop_prompt="same", templates="imagenet80")
     raw = {**dataclasses.asdict(base), **settings.generator, "class_names": list(class_names), "unseen": list(unseen), **overrides}
     return from_dict(ZsSegConfig, json.loads(json.dumps(raw)), "fisa.generator", "params.yaml")
 
