@@ -442,6 +442,8 @@ class OVSegmentorConfig:
                                             # L2-normalised raw logit maps, groups ranked by dot product | v1: mean dice per mask, matching on
                                             # min-max predictions vs binarised targets, cosine ranking
     momentum_train_mode: bool = True        # CMC: the momentum encoder runs in train mode (official: drop path active) | False: eval mode (v1)
+    project_groups: bool = True             # official: every training step also projects the segment tokens, so their BatchNorm statistics
+                                            # join img_proj's running statistics (used at inference) | False: only the pooled feature (v1)
     mec_head: Literal["official", "v1"] = "official"   # official: LN(SelfAttn(p) + p), p the cross-attention output, no padding mask, a width
                                             # alignment Linear only where widths differ | v1: LN(SelfAttn(p, mask) + LN(q)), a question Linear always
     patch_norm: bool = False                # a LayerNorm on [patches ; group tokens] before stage 1 (official: none; v1 and an open_clip init: True)

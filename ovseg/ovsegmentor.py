@@ -25,7 +25,7 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'OVSEG73', 'OVSE
            'lemma', 'EntityParser', 'partner_arrays', 'partner_index', 'EntityCaptions', 'all_gather_grad', 'info_nce',
            'match_masks', 'mask_consistency_loss', 'MultimodalGroupingBlock', 'OVSegmentor', 'scores', 'predict',
            'stage2', 'choose_thresholds', 'init_visual', 'CropFlip', 'train_stage', 'setting_recipe', 'build_model',
-           'CaptionList']
+           'StringColumn', 'CaptionList']
 
 # %% ../nbs/11_ovsegmentor.ipynb #fb88fb70
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -504,13 +504,14 @@ class OVSegmentor(nn.Module):
                      for k, v in batch.items()}
         out = self.encode_image(images)
         img = F.normalize(self.img_proj(out["pooled"]), dim=-1)
+        c = self.config
+        feat = self.img_proj(out["tokens"]) if c.project_groups or (c.cmc_weight > 0 and c.cmc_loss == "official") else None
         loss = info_nce(img, self.encode_text(caps), self.scale)
         parts = {"contrast": float(loss.detach())}
         if self.config.mec_weight > 0:
             mec = self.mec_loss(out["tokens"], caps)
             if mec is not None: loss = loss + self.config.mec_weight * mec; parts["mec"] = float(mec.detach())
         if self.config.cmc_weight > 0 and "partner" in batch:
-            feat = self.img_proj(out["tokens"]) if self.config.cmc_loss == "official" else None   # official: image_feat, whole batch
             cmc = self.cmc_loss(out, batch["partner"], list(batch["entity"]), batch["has_partner"], feat)
             if cmc is not None: loss = loss + self.config.cmc_weight * cmc; parts["cmc"] = float(cmc.detach())
         self.last_losses = parts
@@ -744,6 +745,23 @@ def build_model(s: OVSegmentorSettings, setting: str = "mec", vocabulary: Sequen
     return model
 
 # %% ../nbs/11_ovsegmentor.ipynb #559ba207
+class StringColumn:
+    "Many strings in one UTF-8 buffer with int64 offsets: a 4M-row caption list in about its size on disk."
+    def __init__(self, strings=()):
+        self._buf, self._off = bytearray(), __import__("array").array("q", [0])
+        for t in strings: self.append(t)
+    def append(self, text: str):
+        self._buf += text.encode("utf-8"); self._off.append(len(self._buf))
+    def __len__(self): return len(self._off) - 1
+    def __getitem__(self, k):
+        if isinstance(k, slice): return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self): raise IndexError(k)
+        k %= len(self)
+        return bytes(self._buf[self._off[k]:self._off[k + 1]]).decode("utf-8")
+    def __iter__(self): return (self[i] for i in range(len(self)))
+    def __eq__(self, other): return list(self) == list(other)
+    def nbytes(self) -> int: return len(self._buf) + 8 * len(self._off)
+
 class CaptionList(torch.utils.data.Dataset):
     "(image path, caption) pairs from a CSV/TSV file: dict(image (3,H,W) in [0,1], caption, id)."
     max_skip = 50
@@ -754,16 +772,19 @@ class CaptionList(torch.utils.data.Dataset):
         self.root = Path(root) if root else self.path.parent
         self.size = size                    # > 0: resize the short side to this on loading (keeps memory bounded)
         delim = "\t" if self.path.suffix.lower() in (".tsv", ".txt") else ","
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=delim)) if delim == "," else [l.rstrip("\n").split("\t") for l in f]
-        self.files, self.captions, self.skipped = [], [], 0
+        self.files, self.captions, self.skipped = StringColumn(), StringColumn(), 0   # compact; images are loaded per item
+        with open(self.path, newline="", encoding="utf-8") as f:                      # streamed, row by row
+            rows = csv.reader(f, delimiter=delim) if delim == "," else (l.rstrip("\r\n").split("\t") for l in f)
+            self._read(rows, delim)
+        if not len(self.files): raise ValueError(f"{self.path} holds no (image path, caption) pair")
+
+    def _read(self, rows, delim: str):
         for n, row in enumerate(rows, 1):
             if not row or not "".join(row).strip(): continue
             if n == 1 and [c.strip().lower() for c in row[:2]] in (["image", "caption"], ["image_path", "caption"], ["path", "caption"]): continue
             if len(row) < 2 or not row[0].strip():
                 raise ValueError(f"{self.path}:{n}: expected 'image path{'<TAB>' if delim == chr(9) else ','}caption', got {row!r}")
             self.files.append(row[0].strip()); self.captions.append(delim.join(row[1:]).strip())
-        if not self.files: raise ValueError(f"{self.path} holds no (image path, caption) pair")
 
     def __len__(self): return len(self.files)
 

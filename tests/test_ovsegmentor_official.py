@@ -303,3 +303,26 @@ def text_encoder():
     from ovseg.encoders import create_text_encoder
     try: return create_text_encoder("minilm")
     except Exception as e: pytest.skip(f"MiniLM unavailable: {e}")
+
+
+def test_segment_tokens_enter_the_projector_statistics(text_encoder):
+    """Official: every training step projects the segment tokens too (image_feat), after the pooled feature, so the
+    BatchNorm running mean of img_proj is 0.9·(0.9·r + 0.1·mean(pooled)) + 0.1·mean(tokens)."""
+    cfg = OVSegmentorConfig(width=24, heads=2, depths=[1, 1], group_tokens=4, groups=2, embed_dim=8, proj_hidden=16, mec_weight=0.0)
+    batch = dict(image=torch.rand(4, 3, 64, 64), caption=["a red circle", "a blue square", "two crosses", "a star"])
+    runs = {}
+    for official in (True, False):
+        torch.manual_seed(0)
+        m = OVSegmentor(dataclasses.replace(cfg, project_groups=official), text_encoder=text_encoder).train()
+        r0 = m.img_proj.net[1].running_mean.clone()
+        torch.manual_seed(1); m.training_loss(batch)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = m.encode_image(batch["image"])                             # the same Gumbel draws
+            fc = m.img_proj.net[0]
+            mp, mt = fc(out["pooled"]).mean(0), fc(out["tokens"].reshape(-1, 24)).mean(0)
+        ref = 0.9 * (0.9 * r0 + 0.1 * mp) + 0.1 * mt                          # the official statistics
+        runs[official] = (m.img_proj.net[1].running_mean - ref).abs().max().item()
+        if not official: assert (m.img_proj.net[1].running_mean - (0.9 * r0 + 0.1 * mp)).abs().max() <= TOL
+    print(f"projector statistics: max |diff| {runs[True]:.2e}; control (v1, pooled only) {runs[False]:.2e}")
+    assert runs[True] <= TOL and runs[False] > 1e-3
