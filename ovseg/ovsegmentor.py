@@ -740,6 +740,7 @@ def build_model(s: OVSegmentorSettings, setting: str = "mec", vocabulary: Sequen
     vocab = list(vocabulary if vocabulary is not None else cfg.vocabulary)
     cfg = dataclasses.replace(cfg, vocabulary=vocab, mec_weight=cfg.mec_weight if r["mec"] else 0.0, cmc_weight=0.0)
     if r["mec"] and not vocab: raise ValueError(f"setting {setting!r} needs an entity vocabulary (ovsegmentor.model.vocabulary)")
+    if cfg.text_trainable and text_encoder is not None: text_encoder = copy.deepcopy(text_encoder)   # each run fine-tunes its own
     model = OVSegmentor(cfg, text_encoder=text_encoder)
     model.init_copied = init_visual(model, "random" if r["random"] else s.init, weights, clip_dir)
     return model

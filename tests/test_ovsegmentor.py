@@ -272,6 +272,29 @@ def test_save_load_round_trip(world, trained, tmp_path):
     assert back.config == trained.config
 
 
+def test_fine_tuned_text_encoder(world, data, tmp_path):
+    "text_trainable: features computed in the step with gradients, no cache, saved with the model; stage2 freezes it."
+    import copy
+    from ovseg.encoders import create_text_encoder
+    te = create_text_encoder("minilm")
+    m = _model(world, te, text_trainable=True).train()
+    assert m.text_encoder.model.training and m.frozen_prefixes == () and m.cache_text(["a red circle"]) == 0
+    before = copy.deepcopy(m.text_encoder.model.encoder.layer[0].attention.self.query.weight)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    loss = m.training_loss(_batch(data, range(8))); opt.zero_grad(); loss.backward()
+    assert m.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0 and "mec" in m.last_losses
+    opt.step()
+    assert not torch.equal(before, m.text_encoder.model.encoder.layer[0].attention.self.query.weight) and len(m._cache) == 0
+    save_pretrained(m, tmp_path / "ft")
+    keys = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in keys)
+    back = from_pretrained(tmp_path / "ft")
+    assert torch.equal(back.text_encoder.model.encoder.layer[0].attention.self.query.weight,
+                       m.text_encoder.model.encoder.layer[0].attention.self.query.weight)
+    s2 = stage2(m)
+    assert not s2.config.text_trainable and not any(p.requires_grad for p in s2.text_encoder.model.parameters())
+
+
 # --- inference ---------------------------------------------------------------------------------
 def test_predict_rules(world, trained):
     model = trained
