@@ -33,11 +33,12 @@ ANSWER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.
                     "a good photo of a {}.", "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}."]
 
 def paper_config(**overrides) -> OVSegmentorConfig:
-    "The paper's architecture: ViT-B/16 (8 heads, 6+6 blocks, 64 -> 8 groups) + BERT-base [CLS], 256-d, windows 448/224."
+    """The paper's model: ViT-B/16 (8 heads, 6+6 blocks, 64 -> 8 groups, no pre-LN) + BERT-base [CLS] fine-tuned in stage 1,
+    256-d, the 73 official entity nouns, ImageNet answer templates, windows 448/224; the official rule and losses (defaults)."""
     base = dict(image_size=224, patch_size=16, width=768, heads=8, depths=[6, 6], group_tokens=64, groups=8,
                 drop_path=0.1, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], text="bert-base",
-                text_pooling="cls", embed_dim=256, proj_hidden=4096, answer_templates=list(ANSWER_TEMPLATES),
-                window=448, stride=224)
+                text_pooling="cls", embed_dim=256, proj_hidden=4096, answer_templates=["imagenet80"], vocabulary=["ovseg73"],
+                text_trainable=True, window=448, stride=224)
     return OVSegmentorConfig(**{**base, **overrides})
 
 # %% ../nbs/11_ovsegmentor.ipynb #08e79da1

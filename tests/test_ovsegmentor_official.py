@@ -29,6 +29,8 @@ def test_paper_profile_is_the_official_path():
         ("official", "official", "official", False, True, "prefix")
     assert m.entity_prompt.format("dog") == "A photo of dog"            # official: 'A photo of ' + entity
     assert m.text_trainable                                             # official stage 1 fine-tunes BERT
+    from ovseg.ovsegmentor import paper_config
+    assert m == paper_config() and m.vocabulary == ["ovseg73"] and m.answer_templates == ["imagenet80"]
 
 
 # ---- tensor algebra ------------------------------------------------------------------------------
