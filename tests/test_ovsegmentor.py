@@ -95,6 +95,25 @@ def test_answers_and_bad_vocabulary():
     with pytest.raises(ValueError, match="no word"): EntityParser(["red circle", "--"])
 
 
+def test_official_entity_parser():
+    "ovseg73: the official 73 nouns, synonym map and lemmas (WordNet's noun rules, the vocabulary as lexicon), offline."
+    from ovseg.ovsegmentor import OVSEG73, OVSEG73_SYNONYMS, lemma
+    p = EntityParser.named(["ovseg73"])
+    assert len(OVSEG73) == len(set(OVSEG73)) == 73 and set(OVSEG73_SYNONYMS.values()) <= set(OVSEG73)
+    cases = {"A man and two women walking their dogs": ["people", "dog"],
+             "children playing with a ball near the buses": ["people", "ball", "bus"],
+             "Knives, forks and glasses on a desk.": ["knife", "fork", "glass", "table"],
+             "a cat sleeping on the couch in a hotel": ["cat", "sofa", "house"],
+             "the couple rode their motorbikes and bikes": ["people", "motorcycle", "bicycle"],
+             "sheep grazing next to a tv": ["sheep", "tv"], "a sunset over the sea": []}
+    for cap, ents in cases.items(): assert p.entities(cap) == ents, (cap, p.entities(cap))
+    assert p.question("A man and two women walking their dogs") == "A [MASK] and two [MASK] walking their [MASK]"
+    assert p.answer(["people", "dog"], "itap of a {}.", prefix=True) == "itap of a people and dog"
+    assert p.answer(["people", "dog"], "itap of a {}.") == "itap of a people and dog."
+    assert [lemma(w, p.known) for w in ("mice", "benches", "boxes", "ladies", "buses", "knives", "skis")] == \
+        ["mouse", "bench", "box", "lady", "bus", "knife", "skis"]       # skis: the vocabulary's own word
+
+
 def test_partner_index():
     ents = [["a", "b"], ["b"], [], ["c"], ["a"]]
     idx = partner_index(ents, partners=10, seed=0)
