@@ -461,16 +461,31 @@ class OVSegmentorConfig:
     proj_hidden: int = 256                  # ProjectMLP hidden width (paper 4096)
     logit_scale_init: float = 1 / 0.07      # learned temperature, exp(logit_scale) clamped at 100
     vocabulary: list[str] = field(default_factory=list)   # entity phrases for MEC / CMC (paper: 73 nouns; embedded: the world's classes)
-    answer_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # MEC answer prefixes, one drawn per caption (official: ImageNet templates)
+    answer_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # MEC answer prefixes, one drawn per caption (official: ImageNet templates; a set name such as imagenet80 expands)
+    answer_style: Literal["prefix", "format"] = "prefix"   # MEC answer: template text before '{}' + entities (official) | template.format(entities) (ovseg v1)
     mec_weight: float = 1.0                 # masked entity completion (0: off)
     cmc_weight: float = 0.0                 # cross-image mask consistency (stage 2: 0.1; > 0 adds the momentum encoder)
     momentum: float = 0.99                  # EMA of the momentum image encoder, after every optimiser step
     cross_threshold: float = 0.6            # CMC target: sigmoid mask binarised at this fraction of its max
     group_ratio: float = 0.5                # CMC: this fraction of A's groups least like the entity is detached
-    entity_prompt: str = "a photo of a {}."  # CMC: the entity's text for choosing the detached groups
+    entity_prompt: str = "A photo of {}"     # CMC: the entity's text for choosing the detached groups (official "A photo of " + entity; v1 "a photo of a {}.")
+    cmc_loss: Literal["official", "v1"] = "official"   # official: dice over an image's masks jointly, summed over images / #groups, matching on
+                                            # L2-normalised raw logit maps, groups ranked by dot product | v1: mean dice per mask, matching on
+                                            # min-max predictions vs binarised targets, cosine ranking
+    momentum_train_mode: bool = True        # CMC: the momentum encoder runs in train mode (official: drop path active) | False: eval mode (v1)
+    project_groups: bool = True             # official: every training step also projects the segment tokens, so their BatchNorm statistics
+                                            # join img_proj's running statistics (used at inference) | False: only the pooled feature (v1)
+    mec_head: Literal["official", "v1"] = "official"   # official: LN(SelfAttn(p) + p), p the cross-attention output, no padding mask, a width
+                                            # alignment Linear only where widths differ | v1: LN(SelfAttn(p, mask) + LN(q)), a question Linear always
+    patch_norm: bool = False                # a LayerNorm on [patches ; group tokens] before stage 1 (official: none; v1 and an open_clip init: True)
+    text_trainable: bool = False            # fine-tune the text encoder (official stage 1: BERT trained, features in the step) | False: frozen + cached
+    text_batch: int = 256                   # strings per text-encoder forward (padded, length-sorted)
     class_template: str = "a photo of a {}."   # inference class prompt(s), ";"-separated for several
     topk: int = 5                           # inference: the image-level filter keeps this many classes (0: off)
-    bg_thresh: float = 0.95                 # background when max score < min(bg_thresh, max group affinity)
+    bg_thresh: float = 0.95                 # background when max score < min(bg_thresh, max of the score matrix)
+    inference_rule: Literal["official", "image_filter"] = "official"   # official: each group's logits re-softmaxed over the image's top-k classes
+                                            # x its unmasked softmax; background vs the max of that matrix | image_filter (v1): the image-level
+                                            # softmax over the top-k multiplied into every group; background vs the max group affinity
     window: int = 0                         # sliding-window side in pixels (0: whole image; paper 448)
     stride: int = 0                         # sliding-window stride (paper 224)
 
@@ -522,7 +537,8 @@ def check_ovsegmentor(s: OVSegmentorSettings, where: str = "ovsegmentor"):
               ("model.group_ratio", 0 <= m.group_ratio < 1, "in [0, 1)"), ("model.mec_weight", m.mec_weight >= 0, ">= 0"),
               ("model.cmc_weight", m.cmc_weight >= 0, ">= 0"), ("model.stride", m.stride <= m.window, "<= model.window"),
               ("model.class_template", "{}" in m.class_template, "a template with '{}'"),
-              ("model.answer_templates", bool(m.answer_templates) and all("{}" in t for t in m.answer_templates), "templates with '{}'"),
+              ("model.answer_templates", bool(m.answer_templates) and all(t.strip() for t in m.answer_templates), "templates with '{}' or template set names"),
+              ("model.entity_prompt", "{}" in m.entity_prompt, "a template with '{}'"), ("model.text_batch", m.text_batch >= 1, ">= 1"),
               ("cmc_weight", s.cmc_weight > 0, "> 0"), ("stage1.lr", s.stage1.lr > 0, "> 0"), ("stage2.lr", s.stage2.lr > 0, "> 0"),
               ("crop_scale", len(s.crop_scale) == 2 and 0 < lo <= hi <= 1, "[low, high] with 0 < low <= high <= 1"),
               ("stage2_crop_scale", len(s.stage2_crop_scale) == 2 and 0 < lo2 <= hi2 <= 1, "[low, high] with 0 < low <= high <= 1"),

@@ -173,14 +173,14 @@ class GroupViT(nn.Module):
     def __init__(self, image_size: int = 64, patch_size: int = 8, width: int = 96, heads: int = 3,
                  depths: tuple[int, int] = (2, 2), group_tokens: int = 16, groups: int = 8, mlp_ratio: float = 4.0,
                  token_ratio: float = 0.5, drop_path: float = 0.0, gumbel: bool = True, hard: bool = True,
-                 tau: float = 1.0, assign_eps: float = 1.0):
+                 tau: float = 1.0, assign_eps: float = 1.0, patch_norm: bool = True):
         super().__init__()
         if image_size % patch_size: raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.patch_size, self.grid, self.width = patch_size, image_size // patch_size, width
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.randn(self.grid * self.grid, width) * 0.02)
         self.group_token = nn.Parameter(torch.randn(1, group_tokens, width) * 0.02)
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width) if patch_norm else nn.Identity()   # official GroupViT/OVSegmentor: none
         rates = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.stage1 = nn.ModuleList(Block(width, heads, mlp_ratio, rates[i]) for i in range(depths[0]))
         self.grouping = GroupingBlock(width, heads, group_tokens, groups, token_ratio, mlp_ratio, gumbel, hard, tau, assign_eps)
@@ -226,7 +226,7 @@ class GroupViT(nn.Module):
         n = int(round(stem["pos"].shape[0] ** 0.5))
         put("pos_embed", interpolate_pos_embed(stem["pos"], (n, n), (self.grid, self.grid)))
         for k in ("ln_pre.weight", "ln_pre.bias", "norm.weight", "norm.bias"):
-            if k in stem: put(k, stem[k])
+            if k in stem and isinstance(self.get_submodule(k.split(".")[0]), nn.LayerNorm): put(k, stem[k])
         return copied
 
 # %% ../nbs/11_grouping.ipynb #0c2e92c5

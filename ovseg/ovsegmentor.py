@@ -21,10 +21,11 @@ from .grouping import Block, CrossAttnBlock, GroupViT, ProjectMLP
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'paper_config', 'singular', 'EntityParser', 'partner_index',
-           'EntityCaptions', 'all_gather_grad', 'info_nce', 'match_masks', 'mask_consistency_loss',
-           'MultimodalGroupingBlock', 'OVSegmentor', 'scores', 'predict', 'stage2', 'choose_thresholds', 'init_visual',
-           'CropFlip', 'train_stage', 'setting_recipe', 'build_model', 'CaptionList']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'OVSEG73', 'OVSEG73_SYNONYMS', 'paper_config', 'singular',
+           'lemma', 'EntityParser', 'partner_arrays', 'partner_index', 'EntityCaptions', 'all_gather_grad', 'info_nce',
+           'match_masks', 'mask_consistency_loss', 'MultimodalGroupingBlock', 'OVSegmentor', 'scores', 'predict',
+           'stage2', 'choose_thresholds', 'init_visual', 'CropFlip', 'train_stage', 'setting_recipe', 'build_model',
+           'StringColumn', 'CaptionList']
 
 # %% ../nbs/11_ovsegmentor.ipynb #fb88fb70
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -32,11 +33,12 @@ ANSWER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.
                     "a good photo of a {}.", "a close-up photo of a {}.", "a rendering of a {}.", "a drawing of a {}."]
 
 def paper_config(**overrides) -> OVSegmentorConfig:
-    "The paper's architecture: ViT-B/16 (8 heads, 6+6 blocks, 64 -> 8 groups) + BERT-base [CLS], 256-d, windows 448/224."
+    """The paper's model: ViT-B/16 (8 heads, 6+6 blocks, 64 -> 8 groups, no pre-LN) + BERT-base [CLS] fine-tuned in stage 1,
+    256-d, the 73 official entity nouns, ImageNet answer templates, windows 448/224; the official rule and losses (defaults)."""
     base = dict(image_size=224, patch_size=16, width=768, heads=8, depths=[6, 6], group_tokens=64, groups=8,
                 drop_path=0.1, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], text="bert-base",
-                text_pooling="cls", embed_dim=256, proj_hidden=4096, answer_templates=list(ANSWER_TEMPLATES),
-                window=448, stride=224)
+                text_pooling="cls", embed_dim=256, proj_hidden=4096, answer_templates=["imagenet80"], vocabulary=["ovseg73"],
+                text_trainable=True, window=448, stride=224)
     return OVSegmentorConfig(**{**base, **overrides})
 
 # %% ../nbs/11_ovsegmentor.ipynb #08e79da1
@@ -50,24 +52,65 @@ def singular(word: str) -> str:
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")): return word[:-1]
     return word
 
-def _norm_words(text: str) -> list[tuple[str, int, int]]:
-    return [(singular(m.group().lower()), m.start(), m.end()) for m in _WORD.finditer(text)]
+# the official entity vocabulary (73 COCO-like nouns) and its synonym map
+# (Jazzcharles/OVSegmentor@cfcbc3a:datasets/clip_dataset.py:31-70)
+OVSEG73 = ("people car bus truck motorcycle train bicycle boat aeroplane cup bottle bowl knife spoon glass fork chair "
+           "table bench clock laptop light vase plant remote microwave toaster oven mouse keyboard sofa monitor tv flower "
+           "refrigerator house bag umbrella book backpack phone shirt tie suitcase box sink bed toilet cat dog horse bird "
+           "cow sheep elephant bear zebra giraffe ball racket skateboard skis snowboard surfboard kite pizza cake apple "
+           "banana sandwich orange carrot donut").split()
+OVSEG73_SYNONYMS = {**{w: "people" for w in ("man men woman women girl boy lady kid child children baby student bride "
+                                               "groom couple prince princess").split()},
+                    "airplane": "aeroplane", "motorbike": "motorcycle", "bike": "bicycle", "desk": "table",
+                    "couch": "sofa", "building": "house", "hotel": "house", "t-shirt": "shirt", "handbag": "bag"}
+# WordNet's noun detachment rules (suffix -> replacement) and the irregular plurals of the words above
+_DETACH = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"), ("ies", "y"))
+_IRREGULAR = {"children": "child", "mice": "mouse", "knives": "knife", "women": "woman", "men": "man", "people": "people",
+              "ladies": "lady", "babies": "baby", "couches": "couch", "benches": "bench", "boxes": "box", "buses": "bus",
+              "glasses": "glass", "sheep": "sheep", "princesses": "princess", "kids": "kid"}
+
+def lemma(word: str, known: set | frozenset = frozenset()) -> str:
+    """Noun lemma of a lower-case word as WordNet's morphy finds it, with `known` as its lexicon: the word itself
+    if known, an irregular plural's singular, else the first detachment rule giving a known word; else `singular`."""
+    if word in known: return word
+    if word in _IRREGULAR and _IRREGULAR[word] in known: return _IRREGULAR[word]
+    for suf, rep in _DETACH:
+        if word.endswith(suf) and word[:len(word) - len(suf)] + rep in known: return word[:len(word) - len(suf)] + rep
+    return singular(word)
+
+def _norm_words(text: str, known: set | frozenset = frozenset()) -> list[tuple[str, int, int]]:
+    return [(lemma(m.group().lower(), known), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 class EntityParser:
-    "Entities of captions: the `vocabulary`'s phrases found in them (plurals normalised)."
-    def __init__(self, vocabulary: Sequence[str]):
+    """Entities of captions: the `vocabulary`'s phrases found in them (lemmatised), `synonyms` mapped onto
+    vocabulary entries (man -> people). `EntityParser.named("ovseg73")`: the official nouns and synonyms."""
+    def __init__(self, vocabulary: Sequence[str], synonyms: dict[str, str] | None = None):
         vocab = [vocabulary] if isinstance(vocabulary, str) else list(vocabulary)
         if not vocab: raise ValueError("the entity vocabulary is empty; pass the class phrases (e.g. world.class_names)")
+        synonyms = dict(synonyms or {})
+        raw = lambda v: [m.group().lower() for m in _WORD.finditer(str(v))]
+        self.known = frozenset(singular(w) for v in list(vocab) + list(synonyms) for w in raw(v))   # the lexicon
         self.phrases: dict[tuple[str, ...], str] = {}
         for v in vocab:
-            words = tuple(w for w, _, _ in _norm_words(str(v)))
+            words = tuple(w for w, _, _ in _norm_words(str(v), self.known))
             if not words: raise ValueError(f"entity vocabulary entry {v!r} has no word; remove it")
             self.phrases.setdefault(words, " ".join(words))
+        for k, v in synonyms.items():
+            target = tuple(w for w, _, _ in _norm_words(str(v), self.known))
+            if target not in self.phrases: raise ValueError(f"synonym {k!r} -> {v!r}: {v!r} is not in the vocabulary")
+            self.phrases.setdefault(tuple(w for w, _, _ in _norm_words(str(k), self.known)), self.phrases[target])
         self.longest = max(map(len, self.phrases))
+
+    @classmethod
+    def named(cls, vocabulary: Sequence[str]) -> "EntityParser":
+        "`[\"ovseg73\"]`: the official 73 nouns with their synonyms; any other list: those phrases."
+        vocab = [vocabulary] if isinstance(vocabulary, str) else list(vocabulary)
+        if vocab == ["ovseg73"]: return cls(OVSEG73, OVSEG73_SYNONYMS)
+        return cls(vocab)
 
     def spans(self, caption: str) -> list[tuple[str, list[tuple[int, int]]]]:
         "(entity, character spans of its words) for each occurrence, left to right."
-        words, out, i = _norm_words(caption), [], 0
+        words, out, i = _norm_words(caption, self.known), [], 0
         while i < len(words):
             for n in range(min(self.longest, len(words) - i), 0, -1):
                 key = tuple(w for w, _, _ in words[i:i + n])
@@ -87,45 +130,75 @@ class EntityParser:
         for s, e in spans: out += [caption[pos:s], MASK]; pos = e
         return "".join(out + [caption[pos:]])
 
-    def answer(self, entities: Sequence[str], template: str = "a photo of a {}.") -> str:
-        "`template` filled with the unique entities joined by ' and '."
+    def answer(self, entities: Sequence[str], template: str = "a photo of a {}.", prefix: bool = False) -> str:
+        """`template` filled with the unique entities joined by ' and '; `prefix`: the template's text before '{}'
+        followed by them (the official answer: "a photo of a " + "dog and cat")."""
         if not entities: raise ValueError("no entity to answer; captions without an entity have no MEC target")
-        norm = [" ".join(w for w, _, _ in _norm_words(e)) for e in entities]
+        norm = [" ".join(w for w, _, _ in _norm_words(e, self.known)) for e in entities]
         unknown = [e for e, n in zip(entities, norm) if tuple(n.split()) not in self.phrases]
         if unknown: raise ValueError(f"entities {unknown} are not in the vocabulary ({len(self.phrases)} phrases, "
                                      f"e.g. {list(self.phrases.values())[:3]}); parse them from captions with `entities`")
-        return template.format(" and ".join(OrderedDict.fromkeys(norm)))
+        joined = " and ".join(OrderedDict.fromkeys(norm))
+        return template.split("{}")[0] + joined if prefix else template.format(joined)
 
 # %% ../nbs/11_ovsegmentor.ipynb #66e2287d
-def partner_index(entity_lists: Sequence[Sequence[str]], partners: int = 10, seed: int = 0) -> list[list[tuple[int, str]]]:
-    "For each image, up to `partners` (other image index, shared entity) pairs."
-    by_entity: dict[str, list[int]] = {}
-    for i, ents in enumerate(entity_lists):
-        for e in set(ents): by_entity.setdefault(e, []).append(i)
+def partner_arrays(entity_lists: Sequence[Sequence[str]], partners: int = 10, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(index (N,P) int64, entity (N,P) int32, entity names): for each image `partners` draws, with replacement, of
+    an entity of its own (uniform) and another image holding that entity (uniform); -1 where an image shares no
+    entity with another. Linear in the number of (image, entity) pairs: an inverted index entity -> images."""
+    names: dict[str, int] = {}
+    rows, ents = [], []
+    for i, es in enumerate(entity_lists):
+        for e in dict.fromkeys(es): rows.append(i); ents.append(names.setdefault(e, len(names)))
+    N = len(entity_lists)
+    idx, ent = np.full((N, partners), -1, np.int64), np.full((N, partners), -1, np.int32)
+    if not rows or partners < 1: return idx, ent, list(names)
+    rows, ents = np.asarray(rows, np.int64), np.asarray(ents, np.int64)
+    order = np.lexsort((rows, ents))                       # the inverted index: images grouped by entity
+    post = rows[order]
+    count = np.bincount(ents, minlength=len(names))
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.empty(len(rows), np.int64); rank[order] = np.arange(len(rows)) - start[ents[order]]   # own place in the list
+    valid = count[ents] >= 2                                # entities some other image holds too
+    vr, ve, vk = rows[valid], ents[valid], rank[valid]
+    nv = np.bincount(vr, minlength=N)
+    off = np.concatenate([[0], np.cumsum(nv)[:-1]])
+    has = np.nonzero(nv)[0]
     rng = np.random.default_rng(seed)
-    out = []
-    for i, ents in enumerate(entity_lists):
-        cands = [(j, e) for e in dict.fromkeys(ents) for j in by_entity[e] if j != i]
-        pick = rng.permutation(len(cands))[:partners] if cands else []
-        out.append([cands[k] for k in sorted(pick)])
-    return out
+    pick = off[has, None] + (rng.random((len(has), partners)) * nv[has, None]).astype(np.int64)   # one of own entities
+    e, k = ve[pick], vk[pick]
+    r = (rng.random(pick.shape) * (count[e] - 1)).astype(np.int64)                   # another image of the entity
+    r += r >= k
+    idx[has], ent[has] = post[start[e] + r], e
+    return idx, ent, list(names)
+
+def partner_index(entity_lists: Sequence[Sequence[str]], partners: int = 10, seed: int = 0) -> list[list[tuple[int, str]]]:
+    "`partner_arrays` as lists: for each image, its (other image index, shared entity) draws."
+    idx, ent, names = partner_arrays(entity_lists, partners, seed)
+    return [[(int(j), names[e]) for j, e in zip(ri, re_) if j >= 0] for ri, re_ in zip(idx, ent)]
 
 class EntityCaptions(torch.utils.data.Dataset):
     "A caption dataset plus, per item, its entities and a partner image sharing one of them."
-    def __init__(self, dataset, vocabulary: Sequence[str], partners: int = 10, seed: int = 0, captions: Sequence[str] | None = None):
-        self.dataset, self.parser = dataset, EntityParser(vocabulary)
+    def __init__(self, dataset, vocabulary: Sequence[str] | EntityParser, partners: int = 10, seed: int = 0,
+                 captions: Sequence[str] | None = None):
+        self.dataset = dataset
+        self.parser = vocabulary if isinstance(vocabulary, EntityParser) else EntityParser.named(vocabulary)
         if captions is None: captions = getattr(dataset, "captions", None)      # CaptionList: no image is opened
-        caps = list(captions) if captions is not None else [dataset[k]["caption"] for k in range(len(dataset))]
-        if len(caps) != len(dataset): raise ValueError(f"{len(caps)} captions for {len(dataset)} items")
-        self.entities = [self.parser.entities(c) for c in caps]
-        self.partners = partner_index(self.entities, partners, seed)
+        n = len(dataset)
+        caps = captions if captions is not None else (dataset[k]["caption"] for k in range(n))
+        ents = [self.parser.entities(c) for c in caps]       # streamed: captions are not kept here
+        if len(ents) != n: raise ValueError(f"{len(ents)} captions for {n} items")
+        self.partner_idx, self.partner_ent, self.entity_names = partner_arrays(ents, partners, seed)
+        self.n_entities = np.fromiter(map(len, ents), np.int32, n)
     def __len__(self): return len(self.dataset)
     def __getitem__(self, k):
         item = dict(self.dataset[k])
-        ps = self.partners[k]
-        if ps:
-            j, e = ps[int(torch.randint(len(ps), ()))]
-            item.update(partner=self.dataset[j]["image"], entity=e, has_partner=True)
+        ok = np.nonzero(self.partner_idx[k] >= 0)[0]
+        if len(ok):
+            c = int(ok[int(torch.randint(len(ok), ()))])
+            item.update(partner=self.dataset[int(self.partner_idx[k, c])]["image"],
+                        entity=self.entity_names[self.partner_ent[k, c]], has_partner=True)
         else: item.update(partner=item["image"], entity="", has_partner=False)
         return item
 
@@ -157,31 +230,43 @@ def match_masks(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out[b, torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return out.to(pred.device)
 
-def mask_consistency_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
-    "Dice between min-max normalised `pred_logits` and matched sigmoid-binarised `target_logits` (B,G,H,W)."
-    t = target_logits.detach().sigmoid().flatten(2)
-    t = (t >= threshold * t.amax(-1, keepdim=True)).to(pred_logits.dtype)
+def mask_consistency_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor, threshold: float = 0.6,
+                          official: bool = True) -> torch.Tensor:
+    """Dice between min-max normalised `pred_logits` and matched sigmoid-binarised `target_logits` (B,G,H,W).
+    `official`: masks matched on their L2-normalised raw logit maps; one dice per image over all its masks jointly,
+    summed over the images and divided by the number of groups G. Else (ovseg v1): matched on the normalised
+    predictions vs the binarised targets, the mean of one dice per mask."""
+    t = target_logits.detach().flatten(2)
     p = pred_logits.flatten(2)
+    if official: idx = match_masks(p.detach(), t)
+    t = t.sigmoid()
+    t = (t >= threshold * t.amax(-1, keepdim=True)).to(pred_logits.dtype)
     lo, hi = p.amin(-1, keepdim=True), p.amax(-1, keepdim=True)
     p = (p - lo) / (hi - lo).clamp(min=1e-6)
-    idx = match_masks(p.detach(), t)
+    if not official: idx = match_masks(p.detach(), t)
     t = torch.gather(t, 1, idx[..., None].expand_as(t))
+    if official:
+        dice = 1 - (2 * (p * t).sum((1, 2)) + 1) / (p.sum((1, 2)) + t.sum((1, 2)) + 1)
+        return dice.sum() / p.shape[1]
     dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
     return dice.mean()
 
 # %% ../nbs/11_ovsegmentor.ipynb #6df99e55
 class MultimodalGroupingBlock(nn.Module):
     "Question tokens (B,T,C) attend to group tokens (B,G,C); returns token 0 (B,C)."
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, official: bool = True):
         super().__init__()
         self.norm_q, self.norm_g, self.norm_out = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross = CrossAttnBlock(dim, heads, mlp_ratio, post_norm=True)
         self.self_attn = Block(dim, heads, mlp_ratio)
+        self.official = official
     def forward(self, question: torch.Tensor, groups: torch.Tensor, question_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "question_mask (B,T): True for real tokens."
+        """question_mask (B,T): True for real tokens; used by the v1 head only (the official head attends to the
+        padding too). official: LN(SelfAttnBlock(p) + p), p = the cross-attention output; v1: LN(SelfAttnBlock(p, mask) + LN(q))."""
         q = self.norm_q(question)
-        x = self.cross(q, self.norm_g(groups))
-        x = self.self_attn(x, key_padding_mask=None if question_mask is None else ~question_mask)
+        p = self.cross(q, self.norm_g(groups))
+        if self.official: return self.norm_out(self.self_attn(p) + p)[:, 0]
+        x = self.self_attn(p, key_padding_mask=None if question_mask is None else ~question_mask)
         return self.norm_out(x + q)[:, 0]
 
 # %% ../nbs/11_ovsegmentor.ipynb #51208c92
@@ -194,20 +279,17 @@ def _check_names(class_names) -> list[str]:
 
 _TEXT_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # text encoder -> {pooling: OrderedDict}
 
-def _equal_runs(values: Sequence[int], size: int) -> list[tuple[int, int]]:
-    "(start, end) of runs of equal neighbours in sorted `values`, each at most `size` long."
-    out, i = [], 0
-    while i < len(values):
-        j = i + 1
-        while j < len(values) and j - i < size and values[j] == values[i]: j += 1
-        out.append((i, j)); i = j
+def _answer_templates(entries: Sequence[str]) -> list[str]:
+    "MEC answer templates: each entry a '{}' template or a template set name of `ovseg.encoders` (e.g. imagenet80)."
+    from ovseg.encoders import get_templates
+    out = [t for e in entries for t in get_templates(e)]
+    if not out: raise ValueError("answer_templates is empty; give '{}' templates or a set name such as 'imagenet80'")
     return out
 
 @register_arch("ovsegmentor")
 class OVSegmentor(nn.Module):
     "GroupViT + frozen text encoder trained with contrast, masked entity completion and cross-image mask consistency."
     config_class = OVSegmentorConfig
-    frozen_prefixes = ("text_encoder.",)
     no_decay = ("visual.pos_embed", "visual.group_token", "logit_scale")
     cache_size = 50_000                     # distinct strings whose text features are kept
 
@@ -224,23 +306,43 @@ class OVSegmentor(nn.Module):
         self.config, self.text_encoder = config, text_encoder
         self.visual = GroupViT(config.image_size, config.patch_size, config.width, config.heads, tuple(config.depths),
                                config.group_tokens, config.groups, 4.0, config.token_ratio, config.drop_path,
-                               tau=config.gumbel_tau, assign_eps=config.assign_eps)
+                               tau=config.gumbel_tau, assign_eps=config.assign_eps, patch_norm=config.patch_norm)
         D = text_encoder.dim
         self.img_proj = ProjectMLP(config.width, config.proj_hidden, config.embed_dim)
         self.text_proj = ProjectMLP(D, config.proj_hidden, config.embed_dim)
-        self.question_in = nn.Linear(D, config.width)
-        self.mec = MultimodalGroupingBlock(config.width, config.heads)
-        self.bridge = ProjectMLP(config.width, config.proj_hidden, config.embed_dim)
+        if config.mec_head == "official":      # the MEC head works at min(width, D); only the wider side is projected
+            dim = min(config.width, D)
+            if D > dim: self.question_in = nn.Linear(D, dim)
+            if config.width > dim: self.group_in = nn.Linear(config.width, dim)
+        elif config.mec_head == "v1": dim = config.width; self.question_in = nn.Linear(D, dim)
+        else: raise ValueError(f"mec_head must be 'official' or 'v1', got {config.mec_head!r}")
+        if config.inference_rule not in ("official", "image_filter"):
+            raise ValueError(f"inference_rule must be 'official' or 'image_filter', got {config.inference_rule!r}")
+        if config.cmc_loss not in ("official", "v1"): raise ValueError(f"cmc_loss must be 'official' or 'v1', got {config.cmc_loss!r}")
+        if config.answer_style not in ("prefix", "format"):
+            raise ValueError(f"answer_style must be 'prefix' or 'format', got {config.answer_style!r}")
+        self.mec = MultimodalGroupingBlock(dim, config.heads, official=config.mec_head == "official")
+        self.bridge = ProjectMLP(dim, config.proj_hidden, config.embed_dim)
+        self.answer_templates = _answer_templates(config.answer_templates)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.momentum = copy.deepcopy(self.visual).requires_grad_(False) if config.cmc_weight > 0 else None
-        self.parser = EntityParser(config.vocabulary) if config.vocabulary else None
+        self.parser = EntityParser.named(config.vocabulary) if config.vocabulary else None
+        text_encoder.model.requires_grad_(config.text_trainable)   # fine-tuned (official stage 1): saved with the model
         # text features per distinct string, shared by every model on the same (frozen) encoder object
         self._cache: OrderedDict = _TEXT_CACHES.setdefault(text_encoder, {}).setdefault(config.text_pooling, OrderedDict())
         self.last_losses: dict[str, float] = {}
 
-    def frozen_encoders(self) -> dict: return {"text": self.text_encoder}
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]: return () if self.config.text_trainable else ("text_encoder.",)
+
+    def frozen_encoders(self) -> dict: return {} if self.config.text_trainable else {"text": self.text_encoder}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.text_trainable: self.text_encoder.model.train(mode)   # dropout on while fine-tuning (official)
+        return self
 
     @property
     def device(self) -> torch.device: return self.logit_scale.device
@@ -249,40 +351,51 @@ class OVSegmentor(nn.Module):
     def scale(self) -> torch.Tensor: return self.logit_scale.exp().clamp(max=100)
 
     # --- text -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _features(self, texts: list[str], batch_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+    def _forward_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        "One padded forward of the text encoder: token features (B,T,D), mask of real tokens (B,T), pooled (B,D)."
         enc = self.text_encoder
-        L = getattr(enc, "max_length", 77)
-        if batch_size > 1 and len(new) > 1:   # batch strings of equal token count only: no padding, same features
-            n_tok = [len(ids) for ids in enc.tokenizer(new, truncation=True, max_length=L)["input_ids"]]
-            new = [t for _, t in sorted(zip(n_tok, new), key=lambda p: p[0])]
-            n_tok = sorted(n_tok)
-            chunks = [new[i:j] for i, j in _equal_runs(n_tok, batch_size)]
-        else: chunks = [new[i:i + 1] for i in range(len(new))]   # one string at a time: independent of batch padding (exact resumes)
-        for chunk in chunks:
-            tok = enc.tokenizer(chunk, padding=True, truncation=True, max_length=L,
-                                return_tensors="pt").to(enc.device)
-            h = enc.model(**tok).last_hidden_state.float()
-            m = tok["attention_mask"].bool()
-            for j, t in enumerate(chunk):
-                tokens = h[j, m[j]]
-                pooled = tokens[0] if self.config.text_pooling == "cls" else tokens.mean(0)
-                self._cache[t] = (tokens.cpu(), pooled.cpu())
+        tok = enc.tokenizer(list(texts), padding=True, truncation=True, max_length=getattr(enc, "max_length", 77),
+                            return_tensors="pt").to(enc.device)
+        h = enc.model(**tok).last_hidden_state.float()
+        m = tok["attention_mask"].bool()
+        if self.config.text_pooling == "cls": pooled = h[:, 0]
+        else: pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        return h, m, pooled
+
+    @torch.no_grad()
+    def _features(self, texts: list[str], batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        "Frozen (token features, pooled) per string from the shared cache; new strings encoded `batch_size` a forward."
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        bs = batch_size or self.config.text_batch
+        if new:      # length-sorted chunks: little padding; each string's features do not depend on its neighbours
+            enc = self.text_encoder
+            n_tok = [len(ids) for ids in enc.tokenizer(new, truncation=True, max_length=getattr(enc, "max_length", 77))["input_ids"]]
+            new = [new[i] for i in np.argsort(n_tok, kind="stable")]
+            was = enc.model.training; enc.model.eval()
+            try:
+                for i in range(0, len(new), bs):
+                    chunk = new[i:i + bs]
+                    h, m, pooled = self._forward_text(chunk)
+                    for j, t in enumerate(chunk): self._cache[t] = (h[j, m[j]].cpu(), pooled[j].cpu())
+            finally: enc.model.train(was)
         out = []
         for t in texts:
             self._cache.move_to_end(t); out.append(self._cache[t])
         while len(self._cache) > self.cache_size: self._cache.popitem(last=False)
         return out
 
-    def cache_text(self, texts: Sequence[str], batch_size: int = 64) -> int:
-        """Encode `texts` into the shared cache now (e.g. every caption before training), `batch_size` strings of
-        equal token count per forward (no padding: the features of one string at a time); returns the cache size."""
+    def cache_text(self, texts: Sequence[str], batch_size: int | None = None) -> int:
+        """Encode `texts` into the shared cache now (e.g. every caption before training), `batch_size` strings per
+        forward (default `config.text_batch`); returns the cache size. A fine-tuned text encoder has no cache (0)."""
+        if self.config.text_trainable: return 0
         self._features(list(dict.fromkeys(texts)), batch_size)
         return len(self._cache)
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        "Frozen token features (B,T,D) zero-padded, and the mask of real tokens (B,T)."
+        "Token features (B,T,D) zero-padded, and the mask of real tokens (B,T); fine-tuned: computed here, with gradients."
+        if self.config.text_trainable:
+            h, m, _ = self._forward_text(list(texts))
+            return (h * m[..., None]).to(self.device), m.to(self.device)
         feats = [f[0] for f in self._features(list(texts))]
         T = max(len(f) for f in feats)
         x = torch.zeros(len(feats), T, feats[0].shape[-1])
@@ -290,10 +403,18 @@ class OVSegmentor(nn.Module):
         for i, f in enumerate(feats): x[i, :len(f)], m[i, :len(f)] = f, True
         return x.to(self.device), m.to(self.device)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        "(B,E) L2-normalised projected text embeddings (frozen encoder, trainable projector)."
-        pooled = torch.stack([f[1] for f in self._features(list(texts))]).to(self.device)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+    def text_pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        "(B,D) pooled text features: cached (frozen encoder) or computed in this step (fine-tuned, with gradients)."
+        if self.config.text_trainable:
+            out = []
+            for i in range(0, len(texts), self.config.text_batch): out.append(self._forward_text(list(texts[i:i + self.config.text_batch]))[2])
+            return torch.cat(out).to(self.device)
+        return torch.stack([f[1] for f in self._features(list(texts))]).to(self.device)
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        "(B,E) projected text embeddings (trainable projector), L2-normalised unless `normalize=False`."
+        z = self.text_proj(self.text_pooled(texts))
+        return F.normalize(z, dim=-1) if normalize else z
 
     # --- image ------------------------------------------------------------------------------
     def encode_image(self, images01: torch.Tensor, momentum: bool = False) -> dict:
@@ -301,7 +422,8 @@ class OVSegmentor(nn.Module):
         x = (images01 - self.mean) / self.std
         if not momentum: return self.visual(x)
         if self.momentum is None: raise ValueError("no momentum encoder: build the model with cmc_weight > 0")
-        was = self.momentum.training; self.momentum.eval()
+        was = self.momentum.training
+        self.momentum.train(self.config.momentum_train_mode and self.training)   # official: the model's mode (train)
         with torch.no_grad(): out = self.momentum(x)
         self.momentum.train(was)
         return out
@@ -330,15 +452,19 @@ class OVSegmentor(nn.Module):
         ents = [self.parser.entities(c) for c in captions]
         sel = [i for i, e in enumerate(ents) if e]
         if len(sel) < 2: return None
-        tpl = self.config.answer_templates
+        tpl = self.answer_templates
         pick = torch.randint(len(tpl), (len(sel),)).tolist()
-        answers = [self.parser.answer(ents[i], tpl[k]) for i, k in zip(sel, pick)]
+        answers = [self.parser.answer(ents[i], tpl[k], prefix=self.config.answer_style == "prefix") for i, k in zip(sel, pick)]
         q, qm = self.text_tokens([self.parser.question(captions[i]) for i in sel])
-        out = self.mec(self.question_in(q), groups[sel], qm)
+        if hasattr(self, "question_in"): q = self.question_in(q)
+        g = self.group_in(groups[sel]) if hasattr(self, "group_in") else groups[sel]
+        out = self.mec(q, g, qm)
         return info_nce(F.normalize(self.bridge(out), dim=-1), self.encode_text(answers), self.scale)
 
-    def cmc_loss(self, out: dict, partner: torch.Tensor, entities: list[str], ok: torch.Tensor) -> torch.Tensor | None:
-        "Cross-image mask consistency of the images with a partner (None when none has one)."
+    def cmc_loss(self, out: dict, partner: torch.Tensor, entities: list[str], ok: torch.Tensor,
+                 group_feat: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Cross-image mask consistency of the images with a partner (None when none has one). `group_feat`: the
+        projected (unnormalised) segment tokens of the whole batch, for the official dot-product ranking."""
         sel = torch.nonzero(torch.as_tensor(ok, dtype=torch.bool)).flatten().tolist()
         if not sel: return None
         H, W = partner.shape[-2:]
@@ -348,13 +474,24 @@ class OVSegmentor(nn.Module):
         sc = q.shape[-1] ** -0.5
         up = lambda m: F.interpolate(m.reshape(len(sel), -1, h, w), size=(H, W), mode="bilinear", align_corners=True)
         pred, target = up(q @ kp.transpose(1, 2) * sc), up(qp @ kp.transpose(1, 2) * sc)
-        with torch.no_grad():                       # detach the groups least like the shared entity
-            ent = self.encode_text([self.config.entity_prompt.format(entities[i]) for i in sel])
-            sim = (self.group_embeddings(dict(tokens=out["tokens"][sel].detach())) @ ent[:, :, None])[..., 0]
-            low = sim.topk(int(sim.shape[1] * self.config.group_ratio), dim=1, largest=False).indices
-        drop = torch.zeros(sim.shape, dtype=torch.bool, device=sim.device).scatter_(1, low, True)
+        drop = self.detached_groups(out["tokens"], sel, [entities[i] for i in sel], group_feat)
         pred = torch.where(drop[..., None, None], pred.detach(), pred)
-        return mask_consistency_loss(pred, target, self.config.cross_threshold)
+        return mask_consistency_loss(pred, target, self.config.cross_threshold, official=self.config.cmc_loss == "official")
+
+    @torch.no_grad()
+    def detached_groups(self, tokens: torch.Tensor, sel: list[int], entities: list[str],
+                        group_feat: torch.Tensor | None = None) -> torch.Tensor:
+        """(len(sel), G) True for the `group_ratio` of each selected image's groups least like its entity prompt.
+        official: dot product of the projected, unnormalised group tokens (`group_feat`, the whole batch projected)
+        and prompt embedding; v1: cosine of the normalised ones."""
+        prompts = [self.config.entity_prompt.format(e) for e in entities]
+        if self.config.cmc_loss == "official":
+            if group_feat is None: group_feat = self.img_proj(tokens)
+            sim = (group_feat.detach()[sel] @ self.encode_text(prompts, normalize=False)[:, :, None])[..., 0]
+        else:
+            sim = (self.group_embeddings(dict(tokens=tokens[sel].detach())) @ self.encode_text(prompts)[:, :, None])[..., 0]
+        low = sim.topk(int(sim.shape[1] * self.config.group_ratio), dim=1, largest=False).indices
+        return torch.zeros(sim.shape, dtype=torch.bool, device=sim.device).scatter_(1, low, True)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
         "Contrast + mec_weight·MEC (+ cmc_weight·CMC); see the notes above for partial batches."
@@ -368,13 +505,15 @@ class OVSegmentor(nn.Module):
                      for k, v in batch.items()}
         out = self.encode_image(images)
         img = F.normalize(self.img_proj(out["pooled"]), dim=-1)
+        c = self.config
+        feat = self.img_proj(out["tokens"]) if c.project_groups or (c.cmc_weight > 0 and c.cmc_loss == "official") else None
         loss = info_nce(img, self.encode_text(caps), self.scale)
         parts = {"contrast": float(loss.detach())}
         if self.config.mec_weight > 0:
             mec = self.mec_loss(out["tokens"], caps)
             if mec is not None: loss = loss + self.config.mec_weight * mec; parts["mec"] = float(mec.detach())
         if self.config.cmc_weight > 0 and "partner" in batch:
-            cmc = self.cmc_loss(out, batch["partner"], list(batch["entity"]), batch["has_partner"])
+            cmc = self.cmc_loss(out, batch["partner"], list(batch["entity"]), batch["has_partner"], feat)
             if cmc is not None: loss = loss + self.config.cmc_weight * cmc; parts["cmc"] = float(cmc.detach())
         self.last_losses = parts
         return loss
@@ -388,29 +527,43 @@ def _class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def _parts(self, images01: torch.Tensor, text: torch.Tensor) -> dict:
-    "Network outputs for inference: group (B,H,W) of each pixel, affinity A (B,G,K), image logits (B,K)."
+    """Network outputs for inference: group (B,H,W) of each pixel, group logits scale·G·Tᵀ (B,G,K), their softmax
+    A (B,G,K), image logits (B,K)."""
     B, _, H, W = images01.shape
     out = self.encode_image(images01)
     h, w = out["grid"]
     soft = F.interpolate(out["assign"]["soft"].reshape(B, -1, h, w), size=(H, W), mode="bilinear", align_corners=False)
     s = self.scale
-    aff = (s * self.group_embeddings(out) @ text.T).softmax(-1)
+    logits = s * self.group_embeddings(out) @ text.T
     img = s * F.normalize(self.img_proj(out["pooled"]), dim=-1) @ text.T
-    return dict(group=soft.argmax(1), aff=aff, img=img)
+    return dict(group=soft.argmax(1), logits=logits, aff=logits.softmax(-1), img=img)
 
-def _combine(parts: dict, topk: int, bg_thresh: float | None) -> torch.Tensor:
-    "(B,K,H,W) scores from `_parts`; with `bg_thresh` (not None) a background channel 0 first."
-    aff, img, group = parts["aff"], parts["img"], parts["group"]
-    if 0 < topk < img.shape[1]:
-        keep = torch.zeros_like(img, dtype=torch.bool).scatter_(1, img.topk(topk, 1).indices, True)
-        img = img.masked_fill(~keep, float("-inf"))
-    per_group = aff * img.softmax(-1)[:, None]                                                # (B,G,K)
+def _group_scores(parts: dict, topk: int, rule: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,G,K) per-group class scores and (B,) the reference maximum of the background rule.
+    official: each group's logits over the image's top-k classes re-softmaxed, times A; reference = their max.
+    image_filter (v1): A times the image-level softmax over the top-k; reference = max of A."""
+    aff, img = parts["aff"], parts["img"]
+    keep = torch.ones_like(img, dtype=torch.bool)
+    if 0 < topk < img.shape[1]: keep = torch.zeros_like(keep).scatter_(1, img.topk(topk, 1).indices, True)
+    if rule == "official":
+        final = parts["logits"].masked_fill(~keep[:, None], float("-inf")).softmax(-1) * aff
+        return final, final.flatten(1).amax(1)
+    if rule == "image_filter":
+        return aff * img.masked_fill(~keep, float("-inf")).softmax(-1)[:, None], aff.flatten(1).amax(1)
+    raise ValueError(f"inference_rule must be 'official' or 'image_filter', got {rule!r}")
+
+def _combine(parts: dict, topk: int, bg_thresh: float | None, rule: str = "official") -> torch.Tensor:
+    """(B,K,H,W) scores from `_parts`; with `bg_thresh` (not None) a background channel 0 first: official, 1 where a
+    pixel's best score < min(bg_thresh, reference max) else 0; image_filter (v1), that threshold itself."""
+    per_group, ref = _group_scores(parts, topk, rule)
+    group = parts["group"]
     B, H, W = group.shape
     scores = torch.gather(per_group, 1, group.reshape(B, -1, 1).expand(-1, -1, per_group.shape[-1]))
     scores = scores.transpose(1, 2).reshape(B, -1, H, W)
     if bg_thresh is None: return scores
-    thr = torch.clamp(aff.flatten(1).amax(1), max=bg_thresh)
-    return torch.cat([thr.view(B, 1, 1, 1).expand(B, 1, H, W), scores], 1)
+    thr = torch.clamp(ref, max=bg_thresh).view(B, 1, 1, 1)
+    bg = (scores.amax(1, keepdim=True) < thr).to(scores.dtype) if rule == "official" else thr.expand(B, 1, H, W)
+    return torch.cat([bg, scores], 1)
 
 @torch.no_grad()
 def scores(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
@@ -426,7 +579,7 @@ def scores(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Te
     try:
         text = self.class_embeddings(fg)
         c = self.config
-        fn = lambda x: _combine(self._parts(x, text), c.topk, c.bg_thresh if background else None)
+        fn = lambda x: _combine(self._parts(x, text), c.topk, c.bg_thresh if background else None, c.inference_rule)
         if c.window > 0 and max(images01.shape[-2:]) > c.window:
             return sliding_window(fn, images01, c.window, c.stride or c.window, len(names))
         return fn(images01)
@@ -443,7 +596,8 @@ OVSegmentor.class_embeddings, OVSegmentor._parts, OVSegmentor.scores, OVSegmento
 def stage2(model: OVSegmentor, cmc_weight: float = 0.1, **overrides) -> OVSegmentor:
     """A stage-2 model from a stage-1 `model`: same weights, CMC on with a momentum encoder that starts as a copy
     of the online one. `cmc_weight=0` gives the control: the same continuation without CMC (no momentum encoder)."""
-    cfg = dataclasses.replace(model.config, cmc_weight=cmc_weight, **overrides)
+    cfg = dataclasses.replace(model.config, cmc_weight=cmc_weight, **{"text_trainable": False, **overrides})  # official: text frozen
+    if model.config.text_trainable: _TEXT_CACHES.pop(model.text_encoder, None)   # its fine-tuned features start a new cache
     if cfg.cmc_weight < 0: raise ValueError(f"cmc_weight must be >= 0, got {cfg.cmc_weight}")
     new = OVSegmentor(cfg, text_encoder=model.text_encoder).to(model.device)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("text_encoder.", "momentum."))}
@@ -485,12 +639,13 @@ def choose_thresholds(model: OVSegmentor, dataset, bg_grid: Sequence[float], top
             x = torch.stack([s["image"] for s in g]).to(model.device)
             y = lut[torch.stack([s["label"] for s in g]).long().clamp(0, len(lut) - 1)]
             parts = model._parts(x, text)
+            rule = model.config.inference_rule
             for k in topks:
-                sc = _combine(parts, k, 1.0)                       # channel 0 = max group affinity
-                fg_max, fg_arg = sc[:, 1:].max(1)
-                aff_max = sc[:, :1, 0, 0]
+                fg_max, fg_arg = _combine(parts, k, None, rule).max(1)
+                ref = _group_scores(parts, k, rule)[1]
                 for t in bg_grid:
-                    bg = fg_max <= torch.clamp(aff_max[:, 0], max=float(t))[:, None, None]   # predict's argmax: ties -> bg
+                    thr = torch.clamp(ref, max=float(t))[:, None, None]
+                    bg = fg_max < thr if rule == "official" else fg_max <= thr   # v1: predict's argmax sends ties to bg
                     metrics[(k, float(t))].update(torch.where(bg, 0, fg_arg + 1).cpu(), y)
             n += len(g)
     model.train(was)
@@ -586,11 +741,29 @@ def build_model(s: OVSegmentorSettings, setting: str = "mec", vocabulary: Sequen
     vocab = list(vocabulary if vocabulary is not None else cfg.vocabulary)
     cfg = dataclasses.replace(cfg, vocabulary=vocab, mec_weight=cfg.mec_weight if r["mec"] else 0.0, cmc_weight=0.0)
     if r["mec"] and not vocab: raise ValueError(f"setting {setting!r} needs an entity vocabulary (ovsegmentor.model.vocabulary)")
+    if cfg.text_trainable and text_encoder is not None: text_encoder = copy.deepcopy(text_encoder)   # each run fine-tunes its own
     model = OVSegmentor(cfg, text_encoder=text_encoder)
     model.init_copied = init_visual(model, "random" if r["random"] else s.init, weights, clip_dir)
     return model
 
 # %% ../nbs/11_ovsegmentor.ipynb #559ba207
+class StringColumn:
+    "Many strings in one UTF-8 buffer with int64 offsets: a 4M-row caption list in about its size on disk."
+    def __init__(self, strings=()):
+        self._buf, self._off = bytearray(), __import__("array").array("q", [0])
+        for t in strings: self.append(t)
+    def append(self, text: str):
+        self._buf += text.encode("utf-8"); self._off.append(len(self._buf))
+    def __len__(self): return len(self._off) - 1
+    def __getitem__(self, k):
+        if isinstance(k, slice): return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self): raise IndexError(k)
+        k %= len(self)
+        return bytes(self._buf[self._off[k]:self._off[k + 1]]).decode("utf-8")
+    def __iter__(self): return (self[i] for i in range(len(self)))
+    def __eq__(self, other): return list(self) == list(other)
+    def nbytes(self) -> int: return len(self._buf) + 8 * len(self._off)
+
 class CaptionList(torch.utils.data.Dataset):
     "(image path, caption) pairs from a CSV/TSV file: dict(image (3,H,W) in [0,1], caption, id)."
     max_skip = 50
@@ -601,16 +774,19 @@ class CaptionList(torch.utils.data.Dataset):
         self.root = Path(root) if root else self.path.parent
         self.size = size                    # > 0: resize the short side to this on loading (keeps memory bounded)
         delim = "\t" if self.path.suffix.lower() in (".tsv", ".txt") else ","
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=delim)) if delim == "," else [l.rstrip("\n").split("\t") for l in f]
-        self.files, self.captions, self.skipped = [], [], 0
+        self.files, self.captions, self.skipped = StringColumn(), StringColumn(), 0   # compact; images are loaded per item
+        with open(self.path, newline="", encoding="utf-8") as f:                      # streamed, row by row
+            rows = csv.reader(f, delimiter=delim) if delim == "," else (l.rstrip("\r\n").split("\t") for l in f)
+            self._read(rows, delim)
+        if not len(self.files): raise ValueError(f"{self.path} holds no (image path, caption) pair")
+
+    def _read(self, rows, delim: str):
         for n, row in enumerate(rows, 1):
             if not row or not "".join(row).strip(): continue
             if n == 1 and [c.strip().lower() for c in row[:2]] in (["image", "caption"], ["image_path", "caption"], ["path", "caption"]): continue
             if len(row) < 2 or not row[0].strip():
                 raise ValueError(f"{self.path}:{n}: expected 'image path{'<TAB>' if delim == chr(9) else ','}caption', got {row!r}")
             self.files.append(row[0].strip()); self.captions.append(delim.join(row[1:]).strip())
-        if not self.files: raise ValueError(f"{self.path} holds no (image path, caption) pair")
 
     def __len__(self): return len(self.files)
 

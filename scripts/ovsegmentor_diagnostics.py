@@ -45,7 +45,7 @@ def diagnose(model, world, names, val_x, val_y, held, cfg) -> dict:
                               F.one_hot(y.clamp(0, K - 1), K).permute(0, 3, 1, 2).float())
         oracle.update(torch.gather(counts.argmax(-1), 1, g.flatten(1)).view_as(g), y)
         usage += F.one_hot(g.flatten(), G).float().sum(0)
-        pred = _combine(parts, model.config.topk, model.config.bg_thresh).clamp_min(1e-8).argmax(1)   # = model.predict(x, names)
+        pred = _combine(parts, model.config.topk, model.config.bg_thresh, model.config.inference_rule).clamp_min(1e-8).argmax(1)   # = model.predict(x, names)
         real.update(pred, y); col.update(colour[pred], colour[y]); floor.update(torch.zeros_like(y), y)
         top = parts["img"].topk(3, dim=1).indices                      # class ids (no background)
         for b in range(len(x)):

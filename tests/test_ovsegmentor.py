@@ -95,14 +95,43 @@ def test_answers_and_bad_vocabulary():
     with pytest.raises(ValueError, match="no word"): EntityParser(["red circle", "--"])
 
 
+def test_official_entity_parser():
+    "ovseg73: the official 73 nouns, synonym map and lemmas (WordNet's noun rules, the vocabulary as lexicon), offline."
+    from ovseg.ovsegmentor import OVSEG73, OVSEG73_SYNONYMS, lemma
+    p = EntityParser.named(["ovseg73"])
+    assert len(OVSEG73) == len(set(OVSEG73)) == 73 and set(OVSEG73_SYNONYMS.values()) <= set(OVSEG73)
+    cases = {"A man and two women walking their dogs": ["people", "dog"],
+             "children playing with a ball near the buses": ["people", "ball", "bus"],
+             "Knives, forks and glasses on a desk.": ["knife", "fork", "glass", "table"],
+             "a cat sleeping on the couch in a hotel": ["cat", "sofa", "house"],
+             "the couple rode their motorbikes and bikes": ["people", "motorcycle", "bicycle"],
+             "sheep grazing next to a tv": ["sheep", "tv"], "a sunset over the sea": []}
+    for cap, ents in cases.items(): assert p.entities(cap) == ents, (cap, p.entities(cap))
+    assert p.question("A man and two women walking their dogs") == "A [MASK] and two [MASK] walking their [MASK]"
+    assert p.answer(["people", "dog"], "itap of a {}.", prefix=True) == "itap of a people and dog"
+    assert p.answer(["people", "dog"], "itap of a {}.") == "itap of a people and dog."
+    assert [lemma(w, p.known) for w in ("mice", "benches", "boxes", "ladies", "buses", "knives", "skis")] == \
+        ["mouse", "bench", "box", "lady", "bus", "knife", "skis"]       # skis: the vocabulary's own word
+
+
 def test_partner_index():
     ents = [["a", "b"], ["b"], [], ["c"], ["a"]]
     idx = partner_index(ents, partners=10, seed=0)
     for i, ps in enumerate(idx):
         for j, e in ps: assert j != i and e in ents[i] and e in ents[j]
-    assert idx[2] == [] and idx[3] == [] and sorted(idx[0]) == [(1, "b"), (4, "a")]
+    assert idx[2] == [] and idx[3] == [] and sorted(set(idx[0])) == [(1, "b"), (4, "a")] and len(idx[0]) == 10
     assert len(partner_index(ents, partners=1)[0]) == 1
     assert partner_index(ents, seed=3) == partner_index(ents, seed=3)
+
+
+def test_partner_draws_follow_the_official_distribution():
+    "An entity of the image (uniform), then another image holding it (uniform); with replacement."
+    ents = [["a", "b"]] + [["a"]] * 3 + [["b"]]
+    idx = partner_index(ents, partners=4000, seed=0)[0]
+    by_entity = np.mean([e == "a" for _, e in idx])
+    assert abs(by_entity - 0.5) < 0.03                                     # not 3:1 as a uniform draw over pairs would be
+    among_a = np.bincount([j for j, e in idx if e == "a"], minlength=4)[1:]
+    assert np.all(np.abs(among_a / among_a.sum() - 1 / 3) < 0.04)
 
 
 # --- losses ------------------------------------------------------------------------------------
@@ -129,10 +158,11 @@ def test_matcher_equals_brute_force():
 
 
 def test_mask_consistency_loss_by_hand():
+    "The v1 loss (official=False); the official one is tested in test_ovsegmentor_official.py."
     torch.manual_seed(0)
     t = torch.randn(1, 2, 4, 4) * 5
     p = torch.randn(1, 2, 4, 4, requires_grad=True)
-    loss = mask_consistency_loss(p, t, threshold=0.6)
+    loss = mask_consistency_loss(p, t, threshold=0.6, official=False)
     tb = t.sigmoid().flatten(2); tb = (tb >= 0.6 * tb.amax(-1, keepdim=True)).float()
     pf = p.detach().flatten(2); pf = (pf - pf.amin(-1, keepdim=True)) / (pf.amax(-1, keepdim=True) - pf.amin(-1, keepdim=True))
     idx = match_masks(pf, tb)[0]
@@ -141,7 +171,8 @@ def test_mask_consistency_loss_by_hand():
     loss.backward(); assert p.grad.abs().sum() > 0
     # a prediction equal to the binarised target in another group order scores better than its opposite
     perfect = tb.view(1, 2, 4, 4)[:, [1, 0]] * 10
-    assert mask_consistency_loss(perfect, t) < mask_consistency_loss(-perfect, t)
+    for official in (True, False):
+        assert mask_consistency_loss(perfect, t, official=official) < mask_consistency_loss(-perfect, t, official=official)
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -168,8 +199,6 @@ def test_text_features_shared_between_models(world, text_encoder):
 
 
 def test_batched_text_cache_equals_one_at_a_time(world):
-    from ovseg.ovsegmentor import _equal_runs
-    assert _equal_runs([3, 3, 3, 5, 7, 7], 2) == [(0, 2), (2, 3), (3, 4), (4, 6)] and _equal_runs([], 4) == []
     from ovseg.encoders import create_text_encoder
     te = create_text_encoder("minilm")                       # its own cache
     m = OVSegmentor(_cfg(world), text_encoder=te)
@@ -262,6 +291,29 @@ def test_save_load_round_trip(world, trained, tmp_path):
     assert back.config == trained.config
 
 
+def test_fine_tuned_text_encoder(world, data, tmp_path):
+    "text_trainable: features computed in the step with gradients, no cache, saved with the model; stage2 freezes it."
+    import copy
+    from ovseg.encoders import create_text_encoder
+    te = create_text_encoder("minilm")
+    m = _model(world, te, text_trainable=True).train()
+    assert m.text_encoder.model.training and m.frozen_prefixes == () and m.cache_text(["a red circle"]) == 0
+    before = copy.deepcopy(m.text_encoder.model.encoder.layer[0].attention.self.query.weight)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    loss = m.training_loss(_batch(data, range(8))); opt.zero_grad(); loss.backward()
+    assert m.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0 and "mec" in m.last_losses
+    opt.step()
+    assert not torch.equal(before, m.text_encoder.model.encoder.layer[0].attention.self.query.weight) and len(m._cache) == 0
+    save_pretrained(m, tmp_path / "ft")
+    keys = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in keys)
+    back = from_pretrained(tmp_path / "ft")
+    assert torch.equal(back.text_encoder.model.encoder.layer[0].attention.self.query.weight,
+                       m.text_encoder.model.encoder.layer[0].attention.self.query.weight)
+    s2 = stage2(m)
+    assert not s2.config.text_trainable and not any(p.requires_grad for p in s2.text_encoder.model.parameters())
+
+
 # --- inference ---------------------------------------------------------------------------------
 def test_predict_rules(world, trained):
     model = trained
@@ -274,10 +326,14 @@ def test_predict_rules(world, trained):
         assert torch.allclose(model.predict(x, names), s.clamp_min(1e-8).log())
         # top-k filter: at most k classes score above zero per image
         assert ((s.amax((2, 3)) > 0).sum(1) <= 2).all()
-        # background channel: constant per image, = min(bg_thresh, max group affinity)
+        # background channel (official rule): 1 where the best score < min(bg_thresh, max score of the image), else 0
         sb = model.scores(x, ["background"] + names)
-        assert torch.allclose(sb[:, 1:], s) and (sb[:, 0] <= 0.5).all()
-        assert torch.all(sb[:, 0] == sb[:, 0, :1, :1])
+        assert torch.allclose(sb[:, 1:], s) and set(sb[:, 0].unique().tolist()) <= {0.0, 1.0}
+        ref = s.amax(1) < torch.clamp(s.flatten(1).amax(1), max=0.5)[:, None, None]
+        assert torch.equal(sb[:, 0].bool(), ref) and torch.equal(sb.argmax(1) == 0, ref)
+    with _config(model, topk=2, bg_thresh=0.5, inference_rule="image_filter"):   # v1: channel 0 = the threshold itself
+        sb = model.scores(x, ["background"] + names)
+        assert (sb[:, 0] <= 0.5).all() and torch.all(sb[:, 0] == sb[:, 0, :1, :1])
         # each pixel's scores are its group's: few distinct score vectors per image
         assert len(torch.unique(s[0].flatten(1).T, dim=0)) <= model.config.groups
     with _config(model, window=32, stride=16):                       # sliding window for images larger than it
@@ -293,12 +349,13 @@ class _config:
     def __exit__(self, *a): self.model.config = self.old
 
 
-def test_choose_thresholds_equals_predict_and_never_uses_val(world, trained):
+@pytest.mark.parametrize("rule", ["official", "image_filter"])
+def test_choose_thresholds_equals_predict_and_never_uses_val(world, trained, rule):
     held = torch.utils.data.Subset(WorldSemantic(world, "train"), range(36, 48))
     names = held.dataset.class_names
     from ovseg.metrics import SemanticMetric
     model = trained
-    with _config(model):
+    with _config(model, inference_rule=rule):
         r = choose_thresholds(model, held, bg_grid=[0.2, 0.5, 0.8, 1.0], topk_grid=[1, 3], batch_size=5)
         assert r["images"] == 12 and len(r["table"]) == 8
         assert (model.config.topk, model.config.bg_thresh) == (r["topk"], r["bg_thresh"])
