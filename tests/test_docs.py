@@ -26,3 +26,15 @@ def test_bad_commands_and_links_are_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     for needle in ("--colour", "unknown subcommand 'trian'", "--stride", "--epochs", "missing", "#no-such-heading"):
         assert needle in out, (needle, out)
+
+
+def test_no_project_file_cites_documents_users_do_not_have():
+    "Docs, notebooks, settings and code cite official sources (repo@commit:file:line) or the project's own docs."
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.glob("*.md"), *root.glob("docs/*.md"), *root.glob("nbs/*.ipynb"), *root.glob("repro/*.ipynb"),
+             root / "params.yaml", *root.glob("scripts/*.py"), *root.glob("tests/*.py"), *root.glob("benchmarks/*.py")]
+    bad = [f"{f.relative_to(root)}" for f in files if f.name != "test_docs.py"
+           and re.search(r"METHODS\.md|METHODS §|shared/(DESIGN|STYLE)\.md|DEVELOPERS\.md", f.read_text())]
+    assert not bad, bad
