@@ -360,7 +360,8 @@ COCO_STUFF = ["banner", "blanket", "branch", "bridge", "building-other", "bush",
     "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood",
     "water-other", "waterdrops", "window-blind", "window-other", "wood"]
 COCO_STUFF_IDS = list(range(92, 183))
-# zsseg's generalised zero-shot split (DESIGN.md): unseen classes, by raw name
+# zsseg's generalised zero-shot split, unseen classes by raw name (MendelXu/zsseg.baseline@d77c3af:
+# mask_former/data/datasets/register_coco_stuff.py:189 and register_voc_seg.py:31-34)
 COCO_STUFF_UNSEEN = ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
     "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete"]
 VOC_UNSEEN = ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]
