@@ -45,8 +45,8 @@ def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bo
     if mlp: x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x
 
-def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
-    "Per-patch joint-space embeddings `(B, D, h, w)` of normalised `images` from an open_clip ViT."
+def _pre_tokens(visual: nn.Module, images: torch.Tensor):
+    "Checks, patch embedding, class token, interpolated positions and ln_pre: `(tokens (B, 1 + h*w, C), (h, w))`."
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
         raise NotImplementedError(f"dense CLIP needs an open_clip VisionTransformer, got {type(visual).__name__}")
     if getattr(visual, "attn_pool", None) is not None:
@@ -55,12 +55,14 @@ def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = 
     ph, pw = visual.patch_size
     if H % ph or W % pw: raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
     gh, gw = H // ph, W // pw
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))             # (B, C, gh, gw)
-    x = x.flatten(2).transpose(1, 2)                                   # (B, gh*gw, C)
-    cls = visual.class_embedding.to(x.dtype).expand(B, 1, -1)
-    x = torch.cat([cls, x], 1)
+    x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, -1), x], 1)
     x = x + interpolate_pos_embed(visual.positional_embedding, visual.grid_size, (gh, gw)).to(x.dtype)
-    x = visual.ln_pre(x)
+    return visual.ln_pre(x), (gh, gw)
+
+def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
+    "Per-patch joint-space embeddings `(B, D, h, w)` of normalised `images` from an open_clip ViT."
+    x, (gh, gw) = _pre_tokens(visual, images)
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", True)
     if not batch_first: x = x.transpose(0, 1)
@@ -69,7 +71,7 @@ def dense_clip_tokens(visual: nn.Module, images: torch.Tensor, residual: bool = 
     x = value_path(blocks[-1], x, residual, mlp)
     x = visual.ln_post(x[:, 1:])
     if visual.proj is not None: x = x @ visual.proj
-    return x.transpose(1, 2).reshape(B, -1, gh, gw)
+    return x.transpose(1, 2).reshape(images.shape[0], -1, gh, gw)
 
 # %% ../nbs/13_denseclip.ipynb #tf000002
 TF_METHODS = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "scclip", "resclip")
@@ -165,20 +167,6 @@ def pamr(image: torch.Tensor, logits: torch.Tensor, steps: int = 10, dilations: 
     for _ in range(steps):
         logits = (torch.cat([_shifts(logits, d) for d in dilations], 2) * w).sum(2)
     return logits
-
-def _pre_tokens(visual: nn.Module, images: torch.Tensor):
-    if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
-        raise NotImplementedError(f"dense CLIP needs an open_clip VisionTransformer, got {type(visual).__name__}")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise NotImplementedError("dense CLIP does not support attentional-pooling (CoCa) towers")
-    B, _, H, W = images.shape
-    ph, pw = visual.patch_size
-    if H % ph or W % pw: raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
-    gh, gw = H // ph, W // pw
-    x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
-    x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, -1), x], 1)
-    x = x + interpolate_pos_embed(visual.positional_embedding, visual.grid_size, (gh, gw)).to(x.dtype)
-    return visual.ln_pre(x), (gh, gw)
 
 def _block(visual, blk, x):
     "One unchanged CLIP block on batch-first tokens."

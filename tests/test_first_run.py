@@ -217,3 +217,9 @@ def test_training_free_method_from_python_and_cli(tmp_path, capsys):
               "--out", str(tmp_path / "o2")])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_method_list_is_the_dense_clip_one():
+    "The CLI keeps its own copy of the method names so `--help` needs no torch; it must not drift from ovseg.denseclip's."
+    import ovseg.cli, ovseg.denseclip
+    assert ovseg.cli.TF_METHODS == ovseg.denseclip.TF_METHODS
