@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from ovseg.data import collate, create_dataset, train_transform
+from ovseg.images import collate, train_transform
+from ovseg.data import create_dataset
 
 p = argparse.ArgumentParser()
 p.add_argument("--images", type=int, default=96); p.add_argument("--size", type=int, default=384)
@@ -62,7 +63,7 @@ with tempfile.TemporaryDirectory() as tmp:
            f"scale-crop {a.crop} + flip + jitter)", ds)
 
 try:
-    from ovseg.core import WorldConfig
+    from ovseg.embedded import WorldConfig
     from ovseg.embedded import World, WorldSemantic
 except ImportError as e:
     print(f"\nembedded world: skipped (ovseg.embedded not available: {e})")

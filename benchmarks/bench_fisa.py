@@ -17,9 +17,10 @@ import torch
 
 
 def build(size: str, device: str):
-    from ovseg.core import ClipTrainConfig, load_config
+    from ovseg.cliptrain import ClipTrainConfig
+    from ovseg.core import load_config
     from ovseg.cliptrain import clip_model_cfg, create_clip_model
-    from ovseg.encoders import save_open_clip_dir
+    from ovseg.openclip import save_open_clip_dir
     from ovseg.twostage import ZsSeg, ZsSegConfig, paper_config
     cfg = load_config("params.yaml", "embedded" if size == "embedded" else "paper")
     s = cfg.params.fisa
@@ -43,7 +44,7 @@ def batch_for(world_or_none, names, B, image, seed=0):
     "B images with labels over `names` (the embedded world at 64 px; random blobs at other sizes)."
     g = torch.Generator().manual_seed(seed)
     if world_or_none is not None and image == 64:
-        from ovseg.data import collate
+        from ovseg.images import collate
         from ovseg.embedded import WorldSemantic
         ds = WorldSemantic(world_or_none, "train", background="ignore", fold=0, novel="ignore")
         return collate([ds[i] for i in range(B)])
@@ -70,7 +71,7 @@ def main():
     B = a.batch or s.train.batch_size
     world = None
     if a.size == "embedded":
-        from ovseg.core import WorldConfig
+        from ovseg.embedded import WorldConfig
         from ovseg.embedded import World
         world = World(WorldConfig(n_train=max(64, B), n_val=8), seed=0)
         names, unseen = list(world.class_names), world.novel_classes(0)

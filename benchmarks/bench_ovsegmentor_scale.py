@@ -95,7 +95,7 @@ def bench_captions(n):
 
 def bench_text(n=768, batch=256):
     import torch
-    from ovseg.core import OVSegmentorConfig
+    from ovseg.ovsegmentor import OVSegmentorConfig
     from ovseg.encoders import create_text_encoder
     from ovseg.ovsegmentor import OVSegmentor, _TEXT_CACHES
     te = create_text_encoder("minilm")

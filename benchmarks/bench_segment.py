@@ -33,7 +33,7 @@ def main():
     import open_clip
     from ovseg.denseclip import DenseCLIP
     from ovseg.segment import segment
-    from ovseg.encoders import OpenClipVisualEncoder, OpenClipTextEncoder
+    from ovseg.openclip import OpenClipVisualEncoder, OpenClipTextEncoder
     torch.manual_seed(0)
     clip = open_clip.create_model("ViT-B-16").eval()
     vis = OpenClipVisualEncoder(clip, {}, "open_clip:ViT-B-16(random)")
@@ -52,7 +52,7 @@ def main():
         rows["segment(dense CLIP), defaults (short side 448 -> 1 window)"] = timeit(
             lambda: segment(img, classes, model=dc), a.repeats)
         try:
-            from ovseg.core import FusionerConfig
+            from ovseg.fusioner import FusionerConfig
             from ovseg.fusioner import Fusioner
             from ovseg.train import save_pretrained
             from ovseg.fusioner import load_fusioner

@@ -67,7 +67,7 @@ def main():
     from ovseg.maskgen import CLIP_MEAN, mask_crops
     torch.manual_seed(0)
     if a.clip == "embedded":
-        from ovseg.core import ClipTrainConfig
+        from ovseg.cliptrain import ClipTrainConfig
         from ovseg.cliptrain import clip_model_cfg
         clip = open_clip.CLIP(**clip_model_cfg(ClipTrainConfig(), 64)).eval()
     else:
@@ -135,9 +135,9 @@ def whole(a):
     names = [f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange") for s in ("circle", "square", "triangle", "cross", "ring")]
     with tempfile.TemporaryDirectory() as tmp:
         if a.clip == "embedded":
-            from ovseg.core import ClipTrainConfig
+            from ovseg.cliptrain import ClipTrainConfig
             from ovseg.cliptrain import clip_model_cfg
-            from ovseg.encoders import save_open_clip_dir
+            from ovseg.openclip import save_open_clip_dir
             mcfg = clip_model_cfg(ClipTrainConfig(), 64)
             torch.manual_seed(0)
             save_open_clip_dir(open_clip.CLIP(**mcfg), tmp, mcfg)

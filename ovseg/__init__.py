@@ -7,7 +7,7 @@ Every module is defined, explained and tested in one notebook: `ovseg.NAME` in `
 Modules, in the order data flows:
 
 - `ovseg.compat`: makes torchvision import beside CPU-only torch (no torch import at start-up).
-- `ovseg.core`: typed settings from `params.yaml` (profiles), seeding, devices, atomic writes, progress bars.
+- `ovseg.core`: typed settings from `params.yaml` (the shared sections; each module registers its own), seeding, devices, atomic writes, progress bars.
 - `ovseg.inputs`: class lists, files, model names and devices checked before torch loads (what the CLI checks first).
 - `ovseg.metrics`: mIoU / FB-IoU / hIoU / PQ as the papers' code computes them.
 - `ovseg.embedded`: the seeded synthetic world of coloured shapes the embedded profile runs on.
@@ -32,9 +32,11 @@ Modules, in the order data flows:
 Modules:
 
 - `ovseg.cliptrain`: No CLIP weights can be installed offline, so the embedded profile trains its own: a small open_clip architecture (a custom config), trained contrastively on the embedded world's image–caption pairs, saved in open_clip's directory format and then used frozen like any pretrained CLIP (`create_clip("open_clip:outputs/embedded_clip")`).
-- `ovseg.data`: Datasets for PASCAL-5i, COCO-20i, FSS-1000 / Mosaic-4, VOC, COCO-Stuff, ADE20K, PASCAL Context and COCO-Object read from the layouts the papers' code expects; joint image–mask transforms; sliding-window and multi-scale / flip inference; prepare (download, check, unpack, convert) commands.
+- `ovseg.data`: Datasets for PASCAL-5i, COCO-20i, FSS-1000 / Mosaic-4, VOC, COCO-Stuff, ADE20K, PASCAL Context and COCO-Object read from the layouts the papers' code expects, and the registry that names them. Reading images and joint transforms are `ovseg.images` (`03b_images`); sliding-window inference is `ovseg.windows` (`07a_windows`); download / check / unpack / convert is `ovseg.prepare` (`04c_prepare`).
+- `ovseg.encoders`: Every method in ovseg reads images and class names through the two small classes defined here, so any visual encoder can be paired with any language encoder. Class names become text through `ovseg.prompts` (`04d_prompts`); the open_clip family (pretrained CLIPs, the embedded CLIP) and its weight checks are `ovseg.openclip` (`05a_openclip`), found by the registry below.
 - `ovseg.fisa`: A frozen, pretrained mask generator; a CLIP mask classifier that sees the class names early in its image encoder (SEVE), trained in a small part of CLIP only (SIMO) (Chng, Qiu, Han, Ding, Ding, Huang, "Adapting Vision-Language Model with Fine-grained Semantics for Open-Vocabulary Segmentation", arXiv 2409.16278, 2024).
 - `ovseg.maskgen`: Class-agnostic mask proposals (an FPN pixel decoder and a DETR-style transformer decoder, as in MaskFormer), Hungarian matching and the set losses that train them, and the operations every two-stage method applies to proposals: semantic inference, batched masked crops for CLIP, mask pooling, the seen/unseen ensemble of zsseg, and oracle helpers.
+- `ovseg.openclip`: The open_clip family of `ovseg.encoders` (`open_clip:<name or dir>`, `embedded-clip`): the one loader of open_clip models in ovseg (`load_open_clip`), the checks that a weights file fits the architecture it is loaded into (QuickGELU for OpenAI's weights, the folder format), and the dense features of CLIP towers.
 - `ovseg.segment`: `segment(image, classes, model=...)`: one call from any image and any list of class names to a label map at the image's resolution, per-class probabilities and the class list used; for trained ovseg checkpoints and training-free dense CLIP alike. Visualisation helpers and the `ovseg` command line live here too.
 - `ovseg.twostage`: Class-agnostic mask proposals trained on seen classes, each proposal classified twice (by its query embedding against CLIP text, and by the frozen CLIP image encoder on its masked crop), the two combined with seen and unseen classes weighted the opposite way (Xu et al., "A Simple Baseline for Open-Vocabulary Semantic Segmentation with Pre-trained Vision-language Model", ECCV 2022)."""
 

@@ -15,15 +15,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ClipTrainConfig, TrainConfig, seed_everything
+from .core import TrainConfig, seed_everything
 from .embedded import World, WorldCaptions, _caption
-from .encoders import load_open_clip, prompt_ensemble, save_open_clip_dir
+from .openclip import load_open_clip, save_open_clip_dir
+from .prompts import prompt_ensemble
 from .train import fit
 
 # %% auto #0
-__all__ = ['PREPROCESS_CFG', 'clip_model_cfg', 'create_clip_model', 'clip_tokenizer', 'normalize', 'save_clip', 'load_clip',
-           'object_crops', 'contrastive_loss', 'CaptionBatches', 'ContrastiveCLIP', 'train_clip', 'class_embeddings',
-           'dense_embeddings', 'crop_scores', 'crop_accuracy', 'evaluate_clip']
+__all__ = ['PREPROCESS_CFG', 'ClipTrainConfig', 'clip_model_cfg', 'create_clip_model', 'clip_tokenizer', 'normalize', 'save_clip',
+           'load_clip', 'object_crops', 'contrastive_loss', 'CaptionBatches', 'ContrastiveCLIP', 'train_clip',
+           'class_embeddings', 'dense_embeddings', 'crop_scores', 'crop_accuracy', 'evaluate_clip']
+
+# %% ../nbs/06_cliptrain.ipynb #5e0d591e
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import GE0, GE1, POS, register_section
+
+@dataclass
+class ClipTrainConfig:
+    "Training the small embedded CLIP on the embedded world's captions (ovseg.cliptrain)."
+    width: int = 96                 # vision transformer width
+    layers: int = 4                 # vision transformer depth
+    head_width: int = 32            # vision attention head width
+    patch_size: int = 8
+    pool_type: str = "avg"          # "avg": patch tokens share the pooled embedding's space (dense use)
+    text_width: int = 96
+    text_layers: int = 2
+    text_heads: int = 4
+    context_length: int = 24        # open_clip tokenizer context length (captions have <= 22 tokens)
+    embed_dim: int = 96             # joint embedding dimension
+    steps: int = 300                # optimiser steps
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int = 30                # linear warm-up steps, then cosine decay
+    group_size: int = 1             # > 1: batches of groups sharing an object colour (hard negatives for shape)
+    object_crops: int = 0           # > 0: add this many masked object crops (distinct classes) per batch, captioned by their class
+    holdout_fold: int = -1          # >= 0: drop images with this fold's novel classes from training
+    eval_size: int = 500            # held-out (val) pairs used for retrieval metrics
+    out_dir: str = "outputs/embedded_clip"
+
+register_section("clip", ClipTrainConfig, ranges={"steps": GE1, "batch_size": GE1, "lr": POS, "warmup": GE0, "weight_decay": GE0})
 
 # %% ../nbs/06_cliptrain.ipynb #9ce6a62e
 PREPROCESS_CFG = {"size": 64, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],
@@ -61,12 +93,12 @@ def normalize(model, images01: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/06_cliptrain.ipynb #57d4a87f
 def save_clip(model, out_dir: str | os.PathLike, model_cfg: dict | None = None) -> Path:
-    "Write `model` as open_clip_config.json + open_clip_model.safetensors in `out_dir` (`ovseg.encoders.save_open_clip_dir`)."
+    "Write `model` as open_clip_config.json + open_clip_model.safetensors in `out_dir` (`ovseg.openclip.save_open_clip_dir`)."
     pp = dict(getattr(model.visual, "preprocess_cfg", None) or PREPROCESS_CFG)
     return save_open_clip_dir(model, out_dir, model_cfg or model.ovseg_model_cfg, pp)
 
 def load_clip(out_dir: str | os.PathLike):
-    "Load a saved embedded CLIP through `ovseg.encoders.load_open_clip`: (model in eval mode, tokenizer)."
+    "Load a saved embedded CLIP through `ovseg.openclip.load_open_clip`: (model in eval mode, tokenizer)."
     d = Path(out_dir)
     if not (d / "open_clip_config.json").exists():
         raise FileNotFoundError(f"no embedded CLIP at {d} (open_clip_config.json missing); "
@@ -232,7 +264,7 @@ def train_clip(world: World, ccfg: ClipTrainConfig, seed: int = 0, steps: int | 
 # %% ../nbs/06_cliptrain.ipynb #321c3a4d
 @torch.no_grad()
 def class_embeddings(model, tok, names: list[str], templates="embedded") -> torch.Tensor:
-    "(K, D) class embeddings of an open_clip `model` being trained: `ovseg.encoders.prompt_ensemble`, `embedded` templates."
+    "(K, D) class embeddings of an open_clip `model` being trained: `ovseg.prompts.prompt_ensemble`, `embedded` templates."
     return prompt_ensemble(lambda texts: F.normalize(model.encode_text(tok(texts)).float(), dim=-1), names, templates)
 
 @torch.no_grad()

@@ -15,13 +15,11 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['OVSEG_SETTINGS', 'RANGES', 'ConfigError', 'RuntimeConfig', 'PathsConfig', 'WorldConfig', 'ClipTrainConfig',
-           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'FusionerConfig', 'FusionerSettings',
-           'SegmentConfig', 'Profile', 'Config', 'FisaConfig', 'FisaSettings', 'check_fisa', 'ZsSegConfig',
-           'ZsSegBenchmark', 'ZsSegSettings', 'check_zsseg', 'OVSegmentorConfig', 'OVSegmentorSettings',
-           'check_ovsegmentor', 'from_dict', 'check_ranges', 'read_yaml', 'load_config', 'seed_everything',
-           'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime', 'progress', 'atomic_write',
-           'atomic_write_text']
+__all__ = ['GE0', 'GE1', 'POS', 'UNIT', 'BETA', 'RANGES', 'SHARED', 'SECTIONS', 'ConfigError', 'RuntimeConfig', 'PathsConfig',
+           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'Config', 'from_dict', 'check_values',
+           'check_ranges', 'Section', 'register_section', 'discover', 'sections', 'profile_class', 'read_yaml',
+           'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime',
+           'progress', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -43,52 +41,6 @@ class PathsConfig:
     weights: str = "weights"    # local checkpoints of pretrained encoders (no hub needed)
 
 # %% ../nbs/01_core.ipynb #5cf711a5
-@dataclass
-class WorldConfig:
-    "The embedded world (ovseg.embedded)."
-    image_size: int = 64            # square images, pixels
-    colours: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
-    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross", "ring"])
-    patterns: list[str] = field(default_factory=list)  # e.g. ["plain", "striped", "dotted"]; empty: no pattern word
-    backgrounds: list[str] = field(default_factory=lambda: ["plain", "striped", "checkered", "dotted", "noisy", "gradient"])
-    min_objects: int = 1            # objects per image (classes may repeat)
-    max_objects: int = 3
-    min_size: float = 0.14          # object radius as a fraction of the image side
-    max_size: float = 0.3
-    noise: float = 0.02             # std of per-pixel Gaussian noise
-    n_train: int = 3000             # images per split
-    n_val: int = 500
-    n_folds: int = 4                # base/novel folds over the class compositions
-    n_episodes: int = 1000          # evaluation episodes per fold (capped by what exists)
-    n_mosaics: int = 250            # Mosaic-4 mosaics (each gives four episodes)
-    ignore_border: int = 0          # width (px) of 255-ignore bands at label boundaries
-    chunk: int = 256                # images generated per vectorised chunk (part of the seed stream)
-    out_dir: str = "outputs/world"  # where the `world` stage writes the world
-
-@dataclass
-class ClipTrainConfig:
-    "Training the small embedded CLIP on the embedded world's captions (ovseg.cliptrain)."
-    width: int = 96                 # vision transformer width
-    layers: int = 4                 # vision transformer depth
-    head_width: int = 32            # vision attention head width
-    patch_size: int = 8
-    pool_type: str = "avg"          # "avg": patch tokens share the pooled embedding's space (dense use)
-    text_width: int = 96
-    text_layers: int = 2
-    text_heads: int = 4
-    context_length: int = 24        # open_clip tokenizer context length (captions have <= 22 tokens)
-    embed_dim: int = 96             # joint embedding dimension
-    steps: int = 300                # optimiser steps
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup: int = 30                # linear warm-up steps, then cosine decay
-    group_size: int = 1             # > 1: batches of groups sharing an object colour (hard negatives for shape)
-    object_crops: int = 0           # > 0: add this many masked object crops (distinct classes) per batch, captioned by their class
-    holdout_fold: int = -1          # >= 0: drop images with this fold's novel classes from training
-    eval_size: int = 500            # held-out (val) pairs used for retrieval metrics
-    out_dir: str = "outputs/embedded_clip"
-
 @dataclass
 class EncodersConfig:
     "Which frozen encoders to use and where their weights are (ovseg.encoders, ovseg.cache)."
@@ -166,396 +118,12 @@ class TrainConfig:
     groups: dict[str, ParamGroupConfig] = field(default_factory=dict)  # named groups with their own optimiser settings; the rest use the settings above
 
 @dataclass
-class FusionerConfig:
-    "The Fusioner model (ovseg.fusioner): what rebuilds it, saved as its config.json (the runs: `FusionerSettings`)."
-    visual: str = "embedded-clip"   # visual encoder spec (ovseg.encoders); "random:<spec>" = random weights
-    text: str = "embedded-clip"     # text encoder spec; the same CLIP spec as visual -> both towers, one load
-    visual_stride: int = 0          # >0: ask the visual encoder for features at this stride (EfficientNet taps)
-    pretrained: str = ""            # pretrained tag / path for open_clip specs ("" = none or in-dir)
-    visual_dim: int = 0             # visual feature dim; 0 = from the encoder (filled in when built)
-    text_dim: int = 0               # text embedding dim; 0 = from the encoder
-    templates: str = "fusioner"     # prompt templates for class embeddings
-    dim: int = 512                  # fusion width d
-    depth: int = 12                 # transformer blocks L (0 = the no-fusion ablation)
-    heads: int = 8                  # attention heads
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0          # stochastic depth, linearly increasing over blocks (paper: 0)
-    max_classes: int = 32           # per_slot class embeddings: how many slots
-    class_embed: Literal["shared", "per_slot"] = "shared"  # shared: one (1, d) N(0,1) embedding added to every text token (paper); per_slot: one per class slot, trunc-normal(0.02)
-    out_proj: Literal["matrix", "linear"] = "matrix"  # output projections: bias-free d x d, init d^-0.5 randn (paper) | nn.Linear
-    init: Literal["torch", "trunc_normal"] = "torch"  # other Linear layers: PyTorch's default (paper) | trunc-normal(0.02), zero bias
-    decoder_channels: list[int] = field(default_factory=lambda: [512, 512, 512, 512])  # 4 stages (paper: d throughout)
-    decoder_affine: bool = False    # InstanceNorm with a learned scale and shift (paper: without)
-    resize: Literal["features", "logits"] = "features"  # what is resized to the output size: decoder features before the cosine (paper) | logits after
-    feature_stride: int = 0         # pixels per visual feature cell; 0 = from the encoder (filled in when built)
-    loss_reduction: Literal["image", "pixel"] = "image"  # BCE: mean per image, then over the batch (paper) | mean over all valid pixels
-    input_norm: Literal["dataset", "encoder"] = "dataset"  # image normalisation: the dataset's mean/std below (paper) | the encoder's own (CLIP's)
-    input_mean: list[float] = field(default_factory=lambda: [0.4554, 0.4298, 0.3955])  # official PASCAL values (COCO-20i runs use the official COCO ones)
-    input_std: list[float] = field(default_factory=lambda: [0.1181, 0.1189, 0.1338])
-    weights: dict[str, str] = field(default_factory=dict)  # encoder spec -> local weights (merged from encoders.weights)
-    temperature: float = 0.07       # cosine / temperature
-    fusion: bool = True             # False: no-fusion ablation (projected features compared)
-    mode: Literal["binary", "multiclass"] = "binary"  # sigmoid BCE episodes | softmax over classes
-
-@dataclass
-class FusionerSettings:
-    "The `fusioner` section of params.yaml: the model (`model`, saved with it), the run grid and the test protocol of its stages."
-    model: FusionerConfig = field(default_factory=FusionerConfig)
-    benchmark: Literal["world", "real"] = "world"  # which episodes `ovseg train` and the repro stages use: the embedded world | PASCAL-5i / COCO-20i under paths.data
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # repro runs over these seeds
-    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    episodes_per_fold: int = 1000   # test episodes per fold
-    train_images: int = 0           # 0: all; >0: a seeded subset of the training episodes
-    crop: int = 224                 # training crop (paper: 224); also the size of `eval_protocol: resize`
-    augment: Literal["official", "ovseg"] = "official"  # training crops: the official pipeline (ovseg.fusioner.OfficialAugment) | ovseg.data.train_transform
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # official: RandomResizedCrop area scale
-    class_names: Literal["raw", "clean"] = "raw"  # the datasets' raw names ('pottedplant', paper) | cleaned ('potted plant')
-    eval_protocol: Literal["slide", "resize", "native"] = "slide"  # episodes: `window` windows every `stride` on the original image (official README) | image and label resized to `crop` | whole image
-    window: int = 224               # sliding-window size at test (paper: 224)
-    stride: int = 149               # sliding-window stride at test (paper: 224 * 2/3)
-    flip: bool = False              # flip test-time augmentation (paper: none)
-    skip_empty: bool = True         # evaluation skips episodes whose label has no foreground (official)
-    pairs: list[str] = field(default_factory=list)  # encoder-pair ablation "visual|text" specs
-    depths: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 12])  # fusion-depth ablation
-    ablation_folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # folds of the ablation tables
-    n_mosaics: int = 250            # Mosaic-4 mosaics per fold (each gives four episodes)
-
-@dataclass
-class SegmentConfig:
-    "The segment API, dense CLIP and CLI (ovseg.segment, ovseg.denseclip)."
-    model: str = "outputs/embedded_clip"   # checkpoint dir, open_clip name/dir, for the demo and CLI default
-    pretrained: str | None = None         # open_clip pretrained tag or local weights path
-    short_side: int = 448                 # images with a larger short side are downscaled to this first
-    window: int = 448                     # sliding-window size (pixels, at the working resolution)
-    stride: int = 224                     # sliding-window stride
-    background_threshold: float | None = None  # max class probability below this -> "background"
-    residual: bool = True                 # dense CLIP: keep the last block's residual (MaskCLIP's code)
-    mlp: bool = True                      # dense CLIP: keep the last block's MLP (MaskCLIP's code)
-    demo_images: list[str] = field(default_factory=lambda: ["chelsea", "astronaut", "coffee"])  # skimage.data
-    demo_classes: list[str] = field(default_factory=lambda: ["cat", "person", "cup", "table", "wall", "sky"])
-
-@dataclass
-class Profile:
-    "One block of `params.yaml`'s `profiles`."
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
-    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
-    encoders: EncodersConfig = field(default_factory=EncodersConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    fusioner: FusionerSettings = field(default_factory=FusionerSettings)
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
-    fisa: FisaSettings = field(default_factory=lambda: FisaSettings())
-    zsseg: ZsSegSettings = field(default_factory=lambda: ZsSegSettings())
-    ovsegmentor: OVSegmentorSettings = field(default_factory=lambda: OVSegmentorSettings())
-
-@dataclass
 class Config:
     "The settings a run uses: the chosen profile's block plus the top-level seed."
     profile: str
     seed: int
-    params: Profile
+    params: Any                     # a `profile_class()` instance: the shared sections and every registered one
     source: str = "params.yaml"
-
-# %% ../nbs/01_core.ipynb #ab3de980
-@dataclass
-class FisaConfig:
-    """FISA (ovseg.fisa): a frozen mask generator (a saved zsseg model) whose CLIP classifies the proposals after a
-    text-conditioned adapter (SEVE) has been trained in a small part of the CLIP image tower (SIMO). Architecture and
-    inference only; it is saved with the model. Every field marked ASSUMPTION is a choice the paper's abstract leaves
-    open (docs/fisa.md lists them with the reasons)."""
-    generator: str = ""             # saved zsseg model directory: the frozen mask generator and the CLIP it carries
-    generator_config: dict[str, Any] = field(default_factory=dict)  # its ZsSegConfig; filled in when built, so a saved FISA needs no generator dir
-    class_names: list[str] = field(default_factory=list)   # training label space (label k = class_names[k]); empty: the generator's
-    unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training; the generator's when class_names is empty
-    depth: int = 1                  # ASSUMPTION: SEVE sits after this many ViT blocks ("early": 1 of 4 embedded, 3 of 12 = L/4 paper)
-    heads: int = 0                  # SEVE attention heads; 0: the ViT's own head count
-    conditioning: Literal["tokens", "pooled", "none"] = "tokens"  # ASSUMPTION: keys/values = every token of each class prompt | one pooled embedding per class | none: self-attention (the no-text ablation)
-    prompt: str = "a picture of a {}"  # ASSUMPTION: the one template of the conditioning prompts
-    trainable: Literal["adapter", "adapter+norms", "adapter+norms+LoRA", "full"] = "adapter+norms+LoRA"  # ASSUMPTION (SIMO): what trains besides SEVE: LayerNorms from the injection point on, + LoRA on their attention, or the whole image tower
-    lora_rank: int = 4              # ASSUMPTION: LoRA rank r on the qkv projection of the blocks after SEVE
-    lora_alpha: float = 4.0         # LoRA scale alpha / r
-    dense: Literal["tokens", "value"] = "tokens"  # dense CLIP features pooled per mask: final patch tokens | MaskCLIP's value path in the last block (ViTs with token pooling)
-    pool: Literal["soft", "binary"] = "soft"      # ASSUMPTION: mask pooling weighted by sigmoid(mask) | by the binarised mask (FC-CLIP)
-    mask_threshold: float = 0.5     # a proposal is valid (classified) when its binarised mask is not empty
-    logit_scale: float = 100.0      # logits = scale * cos (CLIP's)
-    lam: float = 0.8                # ensemble with the generator's class head: CLIP weight on unseen classes (zsseg's lambda; FC-CLIP beta 0.8); <= 0: the adapted CLIP alone
-    lam_seen: float | None = None   # ASSUMPTION: generator-head weight on seen classes; None: lam (zsseg); 0.6 = FC-CLIP's 1 - alpha
-    ensemble: bool = True           # False: the adapted CLIP alone (no generator class head)
-    train_masks: Literal["gt", "gt+pred"] = "gt"  # ASSUMPTION: training masks: ground truth only | also proposals with IoU >= 0.5 to a ground-truth mask
-    object_threshold: float = 0.8   # panoptic inference (Mask2Former's): keep proposals whose top class probability exceeds this
-    overlap_threshold: float = 0.8  # ... and that keep this fraction of their own mask after pixels go to their best proposal
-
-@dataclass
-class FisaSettings:
-    "The `fisa` section of params.yaml: the model (`model`, saved with it), its training runs and the experiment grid."
-    model: FisaConfig = field(default_factory=lambda: FisaConfig())
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=500, batch_size=32, lr=1e-3, weight_decay=0.01,
-                                                                   weight_decay_end=0.01, warmup_steps=20))  # FISA's trainable part
-    generator_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1500, batch_size=32, lr=1e-3, weight_decay=1e-4,
-                                                                             weight_decay_end=1e-4, grad_clip=0.01))  # the mask generator (zsseg stage 1)
-    generator: dict[str, Any] = field(default_factory=dict)  # the generator's ZsSegConfig fields (ovseg.twostage) over its base: ZsSegConfig() (world) | paper_config() (real)
-    generator_dir: str = "outputs/fisa/generator/fold{fold}"  # the frozen generator of each fold: loaded if there, trained and saved if not
-    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's folds | real: COCO-panoptic training, the mIoU/PQ benchmarks
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    folds: list[int] = field(default_factory=lambda: [0])
-    train_set: str = "coco_panoptic"             # real: the training set (ovseg.data.create_dataset name)
-    eval_sets: list[str] = field(default_factory=lambda: ["ade150", "pc59", "voc20", "ade847", "pc459"])  # real: mIoU benchmarks
-    panoptic_sets: list[str] = field(default_factory=lambda: ["ade_panoptic"])  # real: PQ benchmarks
-
-def check_fisa(s: FisaSettings, where: str = "fisa"):
-    "Range checks of a `fisa` section (types are checked by `from_dict`)."
-    m = s.model
-    checks = [("model.depth", m.depth >= 0, ">= 0"), ("model.heads", m.heads >= 0, ">= 0"),
-              ("model.lora_rank", m.lora_rank >= 1, ">= 1"), ("model.mask_threshold", 0 <= m.mask_threshold < 1, "in [0, 1)"),
-              ("model.logit_scale", m.logit_scale > 0, "> 0"), ("model.lam", m.lam <= 1, "<= 1"),
-              ("model.lam_seen", m.lam_seen is None or 0 <= m.lam_seen <= 1, "in [0, 1] or null"),
-              ("model.object_threshold", 0 <= m.object_threshold <= 1, "in [0, 1]"),
-              ("model.overlap_threshold", 0 <= m.overlap_threshold <= 1, "in [0, 1]"),
-              ("model.prompt", "{}" in m.prompt, "a template with '{}'"),
-              ("model.generator_config", not m.generator_config, "empty in a settings file (it is filled in when the model is built)"),
-              ("train.max_steps", s.train.max_steps >= 0, ">= 0"), ("train.lr", s.train.lr > 0, "> 0"),
-              ("generator_train.lr", s.generator_train.lr > 0, "> 0")]
-    for key, ok, need in checks:
-        if not ok:
-            v = getattr(m, key.split(".", 1)[1]) if key.startswith("model.") else getattr(getattr(s, key.split(".")[0]), key.split(".")[1])
-            raise ConfigError(f"{where}.{key} = {v!r} must be {need}")
-
-# %% ../nbs/01_core.ipynb #25c41866
-@dataclass
-class ZsSegConfig:
-    "zsseg two-stage model (ovseg.twostage): frozen encoders by spec, proposer sizes, inference settings."
-    backbone: str = "efficientnet-lite0"    # frozen multi-scale visual encoder (paper: timm-features:resnet101d)
-    taps: list[int] = field(default_factory=lambda: [8, 16, 32])  # backbone strides the pixel decoder reads
-    decoder_stride: int = 8                 # tap the transformer decoder reads (paper: 32, res5)
-    clip: str = "embedded-clip"             # frozen CLIP, both towers (paper: open_clip:ViT-B-16)
-    weights: dict[str, str] = field(default_factory=dict)  # spec -> local weights (open_clip: pretrained tag or file)
-    head: Literal["proposals", "per_pixel"] = "proposals"  # two-stage zsseg | the one-stage per-pixel baseline (the paper's ZeroShotPerPixelModel)
-    queries: int = 16                       # Q (paper 100)
-    dim: int = 64                           # decoder width d (paper 256)
-    mask_dim: int = 64                      # mask feature / mask embedding width (paper 256)
-    layers: int = 3                         # decoder layers, each supervised (paper 6)
-    heads: int = 4                          # attention heads (paper 8)
-    ffn: int = 256                          # decoder FFN width (paper 2048)
-    dropout: float = 0.1
-    embed_hidden: int = 128                 # class-embedding MLP hidden width (paper 1024)
-    embed_layers: int = 2                   # class-embedding MLP depth
-    embed_dim: int = 0                      # joint text space width; 0 = the CLIP's (filled in when built)
-    text_width: int = 0                     # CLIP text transformer width (no-object init N(0, width^-0.5)); 0 = filled in
-    logit_scale: float = 100.0              # logits = scale * cos (query head and crops)
-    prompt: Literal["templates", "learned"] = "templates"  # text: template ensemble | CoOp context vectors
-    templates: list[str] | str = "embedded"  # a template set of ovseg.encoders ("embedded": the embedded
-                                            # CLIP's caption phrasing) or a list (one = single template)
-    prompt_context: int = 16                # CoOp: learned context vectors before the class name (official 16, init N(0, 0.02))
-    crop_prompt: Literal["same", "learned"] = "same"  # text of the CLIP crop classifier: the query head's | its own learned
-                                            # context (official VOC: a separate crop adapter with learned prompts)
-    train_backbone: bool = False            # True: the backbone trains (its BatchNorms stay frozen; lr from train.groups, official x0.1)
-    no_object_decay: bool = False           # weight decay on the no-object embedding too (official: yes)
-    seen_names: Literal["by_name", "vocabulary"] = "by_name"  # seen classes at test: any training class name (by_name) |
-                                            # only when the test names are the training vocabulary, else all unseen (official)
-    class_names: list[str] = field(default_factory=list)   # training label space: label k is class_names[k]
-    unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training
-    lam: float = 0.8                        # ensemble weight λ (VOC 0.7); <= 0: CLIP on crops only
-    ensemble: bool = True                   # False: proposal classifier only (official CLIP_ENSEMBLE False)
-    mask_threshold: float = 0.5             # crops: binarise sigmoid(mask) above this
-    crop_expand: float = 1.0                # crops: box expand ratio
-    crop_size: int = 0                      # crops: side in pixels; 0 = the CLIP's input size
-    no_object_weight: float = 0.1           # CE weight of the no-object class
-    class_weight: float = 1.0               # matching cost and loss weights: CE, focal, dice
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-
-@dataclass
-class ZsSegBenchmark:
-    "One real zero-shot setting of zsseg: the dataset (its `unseen` list is the split) and the official schedule."
-    dataset: str = "voc20"                  # ovseg.data.create_dataset name (voc20: background ignored)
-    dataset_kw: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (VOC: mask_dir SegmentationClassAug)
-    train_split: str = "train_aug"
-    val_split: str = "val"
-    lam: float = 0.7                        # official λ of this setting
-    max_steps: int = 20000                  # official iterations ...
-    batch_size: int = 16                    # ... at this batch
-    crop: int = 512                         # training crop
-    short_side: list[int] = field(default_factory=lambda: list(range(320, 961, 64)))  # random short side before the crop
-    test_short_side: int = 512              # evaluation: short side resized to this, whole image
-    max_size: int = 2048                    # long side cap of the training and test resizes (official 2048)
-    names: Literal["raw", "clean"] = "raw"  # class names given to CLIP: the dataset's own (official: pottedplant, tvmonitor) | cleaned
-    augment: Literal["official", "ovseg"] = "official"  # official: short side from `short_side`, crop, SSD colour jitter, flip,
-                                            # pad to `crop` (image 128/255, label 255) | ovseg: ovseg.data.train_transform (continuous scale, pad 0)
-    eval_resolution: Literal["label", "test"] = "label"  # label: the prediction resized to the label's size (official) | test: image and label at test_short_side
-    model: dict[str, Any] = field(default_factory=dict)  # ZsSegConfig fields of this setting over `model` (VOC: its crop prompts)
-    prompt_steps: int = 3200                # learned prompts: iterations (official VOC 3,200, COCO-Stuff 16,000) ...
-    prompt_samples_per_class: int = 128     # ... on this many training images per seen class (VOC 128, COCO-Stuff 32)
-
-@dataclass
-class ZsSegSettings:
-    "The `zsseg` section of params.yaml: the model (`model`, saved with it), its training runs and the experiment grid."
-    model: ZsSegConfig = field(default_factory=lambda: ZsSegConfig())
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
-                                                                   weight_decay_end=1e-4, grad_clip=0.01))  # stage 1 (proposals)
-    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
-                                                                            weight_decay_end=1e-4, grad_clip=0.01))  # one-stage per-pixel baseline
-    prompt_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3200, batch_size=32, lr=0.02, weight_decay=5e-4,
-                                                                          weight_decay_end=5e-4, warmup_steps=100, grad_clip=0.0))
-                                            # learned prompts (ovseg.twostage.train_prompts): SGD momentum 0.9, cosine, constant
-                                            # warm-up at 0.005 x lr; max_steps: benchmarks.*.prompt_steps on real data
-    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's folds | real: the `benchmarks` below
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    folds: list[int] = field(default_factory=lambda: [0, 1])   # world folds (each: its novel classes unseen)
-    lams: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])  # λ candidates, scored on held-out training images
-    holdout: int = 300                      # world: training images held out of stage-1 training to choose λ; 0: model.lam as given
-    benchmarks: dict[str, ZsSegBenchmark] = field(default_factory=dict)  # real: name -> setting (paper: voc, coco-stuff)
-
-def check_zsseg(s: ZsSegSettings, where: str = "zsseg"):
-    "Range checks of a `zsseg` section (types are checked by `from_dict`)."
-    m = s.model
-    checks = [("model.queries", m.queries >= 1, ">= 1"), ("model.dim", m.dim >= 1 and m.dim % m.heads == 0, f"divisible by model.heads = {m.heads}"),
-              ("model.layers", m.layers >= 1, ">= 1"), ("model.mask_threshold", 0 <= m.mask_threshold < 1, "in [0, 1)"),
-              ("model.lam", m.lam <= 1, "<= 1"), ("model.crop_expand", m.crop_expand > 0, "> 0"),
-              ("model.logit_scale", m.logit_scale > 0, "> 0"), ("train.lr", s.train.lr > 0, "> 0"),
-              ("baseline_train.lr", s.baseline_train.lr > 0, "> 0"), ("holdout", s.holdout >= 0, ">= 0"),
-              ("lams", all(l <= 1 for l in s.lams), "<= 1 each")]
-    checks += [(f"benchmarks.{n}.{k}", ok, need) for n, b in s.benchmarks.items() for k, ok, need in
-               [("lam", b.lam <= 1, "<= 1"), ("max_steps", b.max_steps >= 1, ">= 1"), ("batch_size", b.batch_size >= 1, ">= 1"),
-                ("crop", b.crop >= 1, ">= 1"), ("max_size", b.max_size >= 1, ">= 1"), ("prompt_steps", b.prompt_steps >= 1, ">= 1"),
-                ("prompt_samples_per_class", b.prompt_samples_per_class >= 1, ">= 1"),
-                ("short_side", bool(b.short_side) and min(b.short_side) >= 1, "a non-empty list of sides >= 1")]]
-    checks += [("prompt_train.lr", s.prompt_train.lr > 0, "> 0"), ("model.prompt_context", m.prompt_context >= 1, ">= 1")]
-    known = {f.name for f in dataclasses.fields(ZsSegConfig)}
-    for n, b in s.benchmarks.items():
-        bad = sorted(set(b.model) - known)
-        if bad: raise ConfigError(f"{where}.benchmarks.{n}.model: unknown ZsSegConfig fields {bad}; choose among {sorted(known)}")
-        from_dict(ZsSegConfig, {**dataclasses.asdict(m), **b.model}, f"benchmarks.{n}.model", where)   # the values' types
-    for name, tc in (("train", s.train), ("baseline_train", s.baseline_train)):
-        if m.train_backbone and not any(p.startswith("backbone") for g in tc.groups.values() for p in g.prefixes):
-            raise ConfigError(f"{where}.model.train_backbone = True needs a {name}.groups entry for the backbone (prefixes: "
-                              f"[backbone.], its lr: official 0.1 x the lr); without it the backbone would train at the full lr")
-    for key, ok, need in checks:
-        if not ok:
-            obj = s
-            for part in key.split("."): obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
-            raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
-
-# %% ../nbs/01_core.ipynb #c9e2f117
-@dataclass
-class OVSegmentorConfig:
-    "OVSegmentor (ovseg.ovsegmentor): GroupViT sizes, frozen text encoder, losses, inference rules; saved with the model."
-    image_size: int = 64                    # training input side (pos-embed grid; paper 224)
-    patch_size: int = 8                     # paper 16
-    width: int = 96                         # paper 768
-    heads: int = 3                          # paper 8
-    depths: list[int] = field(default_factory=lambda: [2, 2])   # blocks before / after grouping (paper [6, 6])
-    group_tokens: int = 16                  # learned group tokens in stage 1 (paper 64)
-    groups: int = 8                         # segment tokens after grouping (paper 8)
-    token_ratio: float = 0.5                # token-mixing MLP hidden = token_ratio * width
-    drop_path: float = 0.0                  # paper 0.1
-    gumbel_tau: float = 1.0
-    assign_eps: float = 1.0
-    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # input normalisation (CLIP's; DINO: ImageNet's)
-    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
-    text: str = "minilm"                    # frozen text encoder spec (ovseg.encoders; paper "bert-base")
-    text_weights: str = ""                  # local weights dir for `text` ("" = its default)
-    text_pooling: Literal["mean", "cls"] = "mean"   # caption embedding: mean over tokens | [CLS] (official)
-    embed_dim: int = 64                     # joint space (paper 256)
-    proj_hidden: int = 256                  # ProjectMLP hidden width (paper 4096)
-    logit_scale_init: float = 1 / 0.07      # learned temperature, exp(logit_scale) clamped at 100
-    vocabulary: list[str] = field(default_factory=list)   # entity phrases for MEC / CMC (paper: 73 nouns; embedded: the world's classes)
-    answer_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # MEC answer prefixes, one drawn per caption (official: ImageNet templates; a set name such as imagenet80 expands)
-    answer_style: Literal["prefix", "format"] = "prefix"   # MEC answer: template text before '{}' + entities (official) | template.format(entities) (ovseg v1)
-    mec_weight: float = 1.0                 # masked entity completion (0: off)
-    cmc_weight: float = 0.0                 # cross-image mask consistency (stage 2: 0.1; > 0 adds the momentum encoder)
-    momentum: float = 0.99                  # EMA of the momentum image encoder, after every optimiser step
-    cross_threshold: float = 0.6            # CMC target: sigmoid mask binarised at this fraction of its max
-    group_ratio: float = 0.5                # CMC: this fraction of A's groups least like the entity is detached
-    entity_prompt: str = "A photo of {}"     # CMC: the entity's text for choosing the detached groups (official "A photo of " + entity; v1 "a photo of a {}.")
-    cmc_loss: Literal["official", "v1"] = "official"   # official: dice over an image's masks jointly, summed over images / #groups, matching on
-                                            # L2-normalised raw logit maps, groups ranked by dot product | v1: mean dice per mask, matching on
-                                            # min-max predictions vs binarised targets, cosine ranking
-    momentum_train_mode: bool = True        # CMC: the momentum encoder runs in train mode (official: drop path active) | False: eval mode (v1)
-    project_groups: bool = True             # official: every training step also projects the segment tokens, so their BatchNorm statistics
-                                            # join img_proj's running statistics (used at inference) | False: only the pooled feature (v1)
-    mec_head: Literal["official", "v1"] = "official"   # official: LN(SelfAttn(p) + p), p the cross-attention output, no padding mask, a width
-                                            # alignment Linear only where widths differ | v1: LN(SelfAttn(p, mask) + LN(q)), a question Linear always
-    patch_norm: bool = False                # a LayerNorm on [patches ; group tokens] before stage 1 (official: none; v1 and an open_clip init: True)
-    text_trainable: bool = False            # fine-tune the text encoder (official stage 1: BERT trained, features in the step) | False: frozen + cached
-    text_batch: int = 256                   # strings per text-encoder forward (padded, length-sorted)
-    class_template: str = "a photo of a {}."   # inference class prompt(s), ";"-separated for several
-    topk: int = 5                           # inference: the image-level filter keeps this many classes (0: off)
-    bg_thresh: float = 0.95                 # background when max score < min(bg_thresh, max of the score matrix)
-    inference_rule: Literal["official", "image_filter"] = "official"   # official: each group's logits re-softmaxed over the image's top-k classes
-                                            # x its unmasked softmax; background vs the max of that matrix | image_filter (v1): the image-level
-                                            # softmax over the top-k multiplied into every group; background vs the max group affinity
-    window: int = 0                         # sliding-window side in pixels (0: whole image; paper 448)
-    stride: int = 0                         # sliding-window stride (paper 224)
-
-@dataclass
-class OVSegmentorSettings:
-    "The `ovsegmentor` section of params.yaml: the model (`model`, saved with it), its two training stages, threshold choice, the experiment grid."
-    model: OVSegmentorConfig = field(default_factory=lambda: OVSegmentorConfig())
-    init: str = "embedded-clip"             # GroupViT blocks from: embedded-clip (outputs/embedded_clip) | random | a visual encoder spec
-                                            # (dino-vitb16; weights from encoders.weights) | a ViT state-dict file or open_clip folder
-    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, batch_size=64, lr=2e-3, min_lr=5e-4, warmup_steps=15,
-                                                                    weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # contrast (+ MEC)
-    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, batch_size=32, lr=3e-5, min_lr=3e-6,
-                                                                    weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # + CMC (momentum encoder)
-    cmc_weight: float = 0.1                 # stage-2 weight of the cross-image mask consistency
-    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])         # stage 1: random resized crop, area fraction (paper 0.08-1)
-    stage2_crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # stage 2 (paper 0.4-1)
-    partners: int = 10                      # CMC: partner images per image, sharing an entity (drawn once, seeded)
-    train_images: int = 0                   # world: caption-training images (0: all but the holdout)
-    holdout: int = 300                      # world: training images never trained on; topk and bg_thresh are chosen on them
-    bg_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # bg_thresh candidates
-    topk_grid: list[int] = field(default_factory=lambda: [3, 5])                 # top-k filter candidates
-    bg_thresh: dict[str, float] = field(default_factory=dict)   # real: fixed bg_thresh per dataset (official: voc21 0.95, pc60 0.35, coco_object 0.9)
-    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's captions and labels | real: `captions` + the eval_sets
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    settings: list[str] = field(default_factory=lambda: ["contrast", "mec", "cmc", "cmc_random"])  # (a) (b) (c) (d) of the loss table
-    strict_fold: int = 0                    # world: the fold whose novel classes never occur in the strict split's captions (-1: no strict split)
-    strict_settings: list[str] = field(default_factory=lambda: ["contrast", "mec", "cmc", "cmc_random"])
-    strict_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    group_counts: list[int] = field(default_factory=lambda: [4, 8, 16])   # the #groups ablation (setting `group_setting`)
-    group_setting: str = "mec"
-    group_seeds: list[int] = field(default_factory=lambda: [0])
-    captions: str = ""                      # real: (image path, caption) list, CSV or TSV, one pair per line
-    images_root: str = ""                   # real: relative image paths resolve here ("" = the list's folder)
-    eval_sets: list[str] = field(default_factory=lambda: ["voc21", "pc60", "coco_object", "ade150"])   # real: ovseg.data names
-    eval_short_side: int = 448              # real: images resized to this short side before the windows
-
-OVSEG_SETTINGS = ("contrast", "mec", "mec_stage2", "cmc", "cmc_random")   # (a) (b) (b + stage 2 without CMC: the control) (c) (d)
-
-def check_ovsegmentor(s: OVSegmentorSettings, where: str = "ovsegmentor"):
-    "Range checks of an `ovsegmentor` section (types are checked by `from_dict`)."
-    m = s.model
-    lo, hi = (s.crop_scale + [0, 0])[:2]; lo2, hi2 = (s.stage2_crop_scale + [0, 0])[:2]
-    checks = [("model.width", m.width >= 1 and m.width % max(m.heads, 1) == 0, f"divisible by model.heads = {m.heads}"),
-              ("model.image_size", m.image_size >= 1 and m.image_size % max(m.patch_size, 1) == 0, f"a multiple of model.patch_size = {m.patch_size}"),
-              ("model.depths", len(m.depths) == 2 and min(m.depths) >= 0, "two block counts >= 0"),
-              ("model.groups", 1 <= m.groups, ">= 1"), ("model.group_tokens", m.group_tokens >= 1, ">= 1"),
-              ("model.topk", m.topk >= 0, ">= 0"), ("model.bg_thresh", 0 <= m.bg_thresh <= 1, "in [0, 1]"),
-              ("model.momentum", 0 <= m.momentum < 1, "in [0, 1)"), ("model.cross_threshold", 0 < m.cross_threshold <= 1, "in (0, 1]"),
-              ("model.group_ratio", 0 <= m.group_ratio < 1, "in [0, 1)"), ("model.mec_weight", m.mec_weight >= 0, ">= 0"),
-              ("model.cmc_weight", m.cmc_weight >= 0, ">= 0"), ("model.stride", m.stride <= m.window, "<= model.window"),
-              ("model.class_template", "{}" in m.class_template, "a template with '{}'"),
-              ("model.answer_templates", bool(m.answer_templates) and all(t.strip() for t in m.answer_templates), "templates with '{}' or template set names"),
-              ("model.entity_prompt", "{}" in m.entity_prompt, "a template with '{}'"), ("model.text_batch", m.text_batch >= 1, ">= 1"),
-              ("cmc_weight", s.cmc_weight > 0, "> 0"), ("stage1.lr", s.stage1.lr > 0, "> 0"), ("stage2.lr", s.stage2.lr > 0, "> 0"),
-              ("crop_scale", len(s.crop_scale) == 2 and 0 < lo <= hi <= 1, "[low, high] with 0 < low <= high <= 1"),
-              ("stage2_crop_scale", len(s.stage2_crop_scale) == 2 and 0 < lo2 <= hi2 <= 1, "[low, high] with 0 < low <= high <= 1"),
-              ("partners", s.partners >= 1, ">= 1"), ("holdout", s.holdout >= 0, ">= 0"), ("train_images", s.train_images >= 0, ">= 0"),
-              ("bg_grid", bool(s.bg_grid) and all(0 <= t <= 1 for t in s.bg_grid), "values in [0, 1]"),
-              ("topk_grid", bool(s.topk_grid) and all(k >= 0 for k in s.topk_grid), "values >= 0"),
-              ("bg_thresh", all(0 <= t <= 1 for t in s.bg_thresh.values()), "values in [0, 1]"),
-              ("settings", all(x in OVSEG_SETTINGS for x in s.settings), f"names from {list(OVSEG_SETTINGS)}"),
-              ("strict_settings", all(x in OVSEG_SETTINGS for x in s.strict_settings), f"names from {list(OVSEG_SETTINGS)}"),
-              ("group_setting", s.group_setting in OVSEG_SETTINGS, f"one of {list(OVSEG_SETTINGS)}"),
-              ("group_counts", all(g >= 1 for g in s.group_counts), "values >= 1"), ("strict_fold", s.strict_fold >= -1, ">= -1"),
-              ("eval_short_side", s.eval_short_side >= 1, ">= 1")]
-    for key, ok, need in checks:
-        if not ok:
-            obj = s
-            for part in key.split("."): obj = getattr(obj, part)
-            raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
 
 # %% ../nbs/01_core.ipynb #e591ccb8
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -630,41 +198,123 @@ def from_dict(cls, data: dict, key: str = "", source: str = "settings"):
     except TypeError as e: raise ConfigError(f"{source}: {key or cls.__name__}: {e}") from None
 
 # %% ../nbs/01_core.ipynb #98026ce6
-_GE0, _GE1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
-_POS, _UNIT, _BETA = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
-RANGES: dict[str, tuple[Callable, str]] = {
-    "runtime.num_workers": _GE0, "runtime.threads": _GE0,
-    "world.image_size": _GE1, "world.min_objects": _GE1, "world.max_objects": _GE1, "world.n_train": _GE1,
-    "world.n_val": _GE1, "world.n_folds": _GE1, "world.n_episodes": _GE1, "world.noise": _GE0, "world.chunk": _GE1,
-    "clip.steps": _GE1, "clip.batch_size": _GE1, "clip.lr": _POS, "clip.warmup": _GE0, "clip.weight_decay": _GE0,
-    "encoders.cache_batch_size": _GE1,
-    "data.crop_size": _GE1, "data.test_short_side": _GE1, "data.window": _GE1, "data.stride": _GE1,
-    "train.epochs": _GE1, "train.max_steps": _GE0, "train.batch_size": _GE1, "train.grad_accum": _GE1,
-    "train.lr": _POS, "train.min_lr": _GE0, "train.beta1": _BETA, "train.beta2": _BETA, "train.eps": _POS, "train.warmup_steps": _GE0,
-    "train.warmup_epochs": _GE0, "train.weight_decay": _GE0, "train.weight_decay_end": _GE0, "train.grad_clip": _GE0,
-    "train.log_every": _GE0, "train.eval_every": _GE0, "train.ckpt_every": _GE0,
-    "fusioner.model.dim": _GE1, "fusioner.model.depth": _GE0, "fusioner.model.heads": _GE1, "fusioner.model.mlp_ratio": _POS,
-    "fusioner.model.drop_path": _BETA, "fusioner.model.max_classes": _GE1, "fusioner.model.temperature": _POS,
-    "fusioner.crop": _GE1, "fusioner.window": _GE1, "fusioner.stride": _GE1, "fusioner.episodes_per_fold": _GE1,
-    "fusioner.train_images": _GE0,
-    "segment.short_side": _GE1, "segment.window": _GE1, "segment.stride": _GE1, "segment.background_threshold": _UNIT,
+GE0, GE1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+POS, UNIT, BETA = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES: dict[str, tuple[Callable, str]] = {   # the shared sections; a registered section brings its own
+    "runtime.num_workers": GE0, "runtime.threads": GE0,
+    "encoders.cache_batch_size": GE1,
+    "data.crop_size": GE1, "data.test_short_side": GE1, "data.window": GE1, "data.stride": GE1,
+    "train.epochs": GE1, "train.max_steps": GE0, "train.batch_size": GE1, "train.grad_accum": GE1,
+    "train.lr": POS, "train.min_lr": GE0, "train.beta1": BETA, "train.beta2": BETA, "train.eps": POS, "train.warmup_steps": GE0,
+    "train.warmup_epochs": GE0, "train.weight_decay": GE0, "train.weight_decay_end": GE0, "train.grad_clip": GE0,
+    "train.log_every": GE0, "train.eval_every": GE0, "train.ckpt_every": GE0,
 }
 
-def check_ranges(params: "Profile", key: str = "", source: str = "settings"):
-    "Range checks of a profile's values (types are checked by `from_dict`): a bad value fails before any work starts."
-    def where(path): return f"{source}: {key + '.' if key else ''}{path}"
-    for path, (ok, need) in RANGES.items():
-        v = params
+def check_values(obj, ranges: dict[str, tuple[Callable, str]], where: str):
+    "Apply `ranges` (dotted key below `obj` -> (test, what it needs)) to `obj`; `where` prefixes the key in the error."
+    for path, (ok, need) in ranges.items():
+        v = obj
         for part in path.split("."): v = getattr(v, part, None)
-        if v is not None and not ok(v): raise ConfigError(f"{where(path)} = {v!r} must be {need}")
-    check_fisa(params.fisa, f"{source}: {key + '.' if key else ''}fisa")
-    check_zsseg(params.zsseg, f"{source}: {key + '.' if key else ''}zsseg")
-    check_ovsegmentor(params.ovsegmentor, f"{source}: {key + '.' if key else ''}ovsegmentor")
-    f, s, w = params.fusioner.model, params.segment, params.world
-    if f.dim % f.heads: raise ConfigError(f"{where('fusioner.model.dim')} = {f.dim} must be divisible by fusioner.model.heads = {f.heads}")
-    if s.stride > s.window: raise ConfigError(f"{where('segment.stride')} = {s.stride} must be <= segment.window = {s.window}")
-    if w.min_objects > w.max_objects:
-        raise ConfigError(f"{where('world.min_objects')} = {w.min_objects} must be <= world.max_objects = {w.max_objects}")
+        if v is not None and not ok(v): raise ConfigError(f"{where}{path} = {v!r} must be {need}")
+
+def check_ranges(params, key: str = "", source: str = "settings"):
+    """Range checks of a profile's values (types are checked by `from_dict`): a bad value fails before any work starts.
+    The shared sections' `RANGES` first, then each registered section's own ranges and check."""
+    prefix = f"{source}: {key + '.' if key else ''}"
+    check_values(params, RANGES, prefix)
+    for name, sec in sections().items():
+        s = getattr(params, name)
+        check_values(s, sec.ranges, f"{prefix}{name}.")
+        if sec.check is not None: sec.check(s, f"{prefix}{name}")
+
+# %% ../nbs/01_core.ipynb #570eff93
+@dataclass(frozen=True)
+class Section:
+    "A registered section of a profile: its dataclass, range checks (key below the section -> (test, need)) and check."
+    name: str
+    settings: type
+    module: str
+    ranges: dict = field(default_factory=dict)
+    check: Callable | None = None     # check(settings, where): raises ConfigError naming `where` + key
+
+SHARED: dict[str, type] = {"runtime": RuntimeConfig, "paths": PathsConfig, "encoders": EncodersConfig,
+                           "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, Section] = {}
+_PROFILE: list = [None]               # the cached Profile class; reset by register_section
+
+def register_section(name: str, settings: type, ranges: dict | None = None, check: Callable | None = None) -> type:
+    """Make `name` a section of every profile, read into the dataclass `settings`. `ranges`: {dotted key below the
+    section: (test, what it needs)}, e.g. `{"model.dim": GE1}`; `check(s, where)`: any other check, raising
+    `ConfigError(f"{where}.key = ... must be ...")`. Returns `settings`."""
+    if name in SHARED or name in ("profile", "seed"): raise ValueError(f"register_section: {name!r} is a shared section of ovseg.core")
+    if not dataclasses.is_dataclass(settings): raise TypeError(f"register_section({name!r}): {settings!r} is not a dataclass")
+    old = SECTIONS.get(name)
+    if old is not None and old.module == "__main__" and old.settings.__qualname__ == settings.__qualname__:
+        return settings   # the running notebook's own definition stays registered when discovery imports its module
+    rerun = settings.__module__ == "__main__" and old is not None and old.settings.__qualname__ == settings.__qualname__
+    if old is not None and not rerun and (old.module, old.settings.__qualname__) != (settings.__module__, settings.__qualname__):
+        import warnings   # as register_arch: a notebook re-running its module's cell is not a clash
+        warnings.warn(f"register_section: {name!r} was {old.module}.{old.settings.__qualname__}, now "
+                      f"{settings.__module__}.{settings.__qualname__}; profiles read it into the new class")
+    SECTIONS[name] = Section(name, settings, settings.__module__, dict(ranges or {}), check)
+    _PROFILE[0] = None
+    return settings
+
+_REGISTERS = re.compile(r"^@?register_(section|method|arch|dataset|encoder)\(", re.M)
+_DISCOVERED: set[str] = set()
+
+def _registering_modules() -> list[str]:
+    import importlib.util, pkgutil
+    import ovseg
+    mods = []
+    for m in pkgutil.iter_modules(ovseg.__path__):
+        if m.name in ("core", "__main__"): continue
+        spec = importlib.util.find_spec(f"ovseg.{m.name}")
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"): continue
+        if _REGISTERS.search(Path(spec.origin).read_text(encoding="utf-8")): mods.append(f"ovseg.{m.name}")
+    from importlib.metadata import entry_points
+    mods += [ep.value for ep in entry_points(group="ovseg.methods")]
+    mods += [n.strip() for n in os.environ.get("OVSEG_METHODS", "").split(",") if n.strip()]
+    return mods
+
+def discover() -> list[str]:
+    "Import every module that registers a section, method or arch (see above); returns their names. Cheap when repeated."
+    import importlib, sys
+    mods = _registering_modules()
+    for name in mods:
+        if name in _DISCOVERED or name in sys.modules: _DISCOVERED.add(name); continue
+        try: importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"ovseg: importing {name}, which registers a method or settings section, failed: {e}"
+                              + (" (OVSEG_METHODS or an `ovseg.methods` entry point names it)" if not name.startswith("ovseg.") else "")) from e
+        _DISCOVERED.add(name)
+    return mods
+
+def sections() -> dict[str, Section]:
+    "Every registered section (after `discover()`), by name."
+    discover()
+    return dict(SECTIONS)
+
+def profile_class() -> type:
+    "The `Profile` dataclass: one field per shared section, then one per registered section (`sections()`), in that order."
+    secs = sections()
+    if _PROFILE[0] is None:
+        fields = [(n, t, field(default_factory=t)) for n, t in SHARED.items()]
+        fields += [(n, s.settings, field(default_factory=s.settings)) for n, s in secs.items()]
+        _PROFILE[0] = P = dataclasses.make_dataclass("Profile", fields)
+        P.__module__ = __name__
+        _PROFILE[0].__doc__ = "One block of `params.yaml`'s `profiles`: the shared sections and every registered one."
+    return _PROFILE[0]
+
+def __getattr__(name: str):
+    "`ovseg.core.Profile`, and the settings classes that moved to their modules (`from ovseg.core import FisaConfig` still works)."
+    if name.startswith("__"): raise AttributeError(name)
+    if name == "Profile": return profile_class()
+    import sys
+    for sec in sections().values():
+        mod = sys.modules.get(sec.module)
+        if mod is not None and name in getattr(mod, "__all__", ()): return getattr(mod, name)
+    raise AttributeError(f"module 'ovseg.core' has no attribute {name!r}")
 
 # %% ../nbs/01_core.ipynb #bb64c916
 class _StrictLoader(yaml.SafeLoader):
@@ -703,7 +353,7 @@ def load_config(path: str | os.PathLike = "params.yaml", profile: str | None = N
     if name not in profiles:
         raise ConfigError(f"{path}: profile {name!r} not found; available: {', '.join(profiles) or 'none'}")
     seed = _convert(raw.get("seed", 0), int, "seed", str(path))
-    params = from_dict(Profile, profiles[name], f"profiles.{name}", str(path))
+    params = from_dict(profile_class(), profiles[name], f"profiles.{name}", str(path))
     check_ranges(params, f"profiles.{name}", str(path))
 
     return Config(profile=name, seed=seed, params=params, source=str(path))

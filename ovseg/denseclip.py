@@ -15,9 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoders import OpenClipTextEncoder, check_open_clip_dir, create_clip, get_templates, interpolate_pos_embed
-from .data import (Archive, PREPARE, SemanticDataset, _check_exists, _split_dir, register_dataset,
-                        sliding_window)
+from .openclip import OpenClipTextEncoder, check_open_clip_dir, interpolate_pos_embed
+from .encoders import create_clip
+from .prompts import get_templates
+from .prepare import Archive, PREPARE
+from .data import SemanticDataset, _check_exists, _split_dir, register_dataset
+from .windows import sliding_window
 
 # %% auto #0
 __all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BACKGROUND', 'PERSON_WORDS', 'TV_WORDS',
@@ -813,3 +816,9 @@ class TrainingFreeSettings:
             return cls(benchmarks=["world"], model="outputs/embedded_clip", pretrained=None, vfm="vit_tiny_patch16_224",
                        vfm_checkpoint=None, limit=32)
         return cls()
+
+# %% ../nbs/13_denseclip.ipynb #4635ce83
+from .experiment import GalleryView, register_method
+
+register_method("denseclip", "dense CLIP", order=50, stages=("training_free",),
+                gallery=GalleryView("embedded_clip", "semantic"))

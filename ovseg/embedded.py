@@ -15,11 +15,48 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .core import WorldConfig, Config, atomic_write, atomic_write_text
+from .core import Config, atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['COLOURS', 'SHAPES', 'PATTERNS', 'BACKGROUNDS', 'SPLITS', 'WorldSplit', 'World', 'save_world', 'get_world',
-           'WorldSemantic', 'WorldEpisodes', 'WorldCaptions', 'WorldMosaic4', 'label_colours', 'show_samples']
+__all__ = ['COLOURS', 'SHAPES', 'PATTERNS', 'BACKGROUNDS', 'SPLITS', 'WorldConfig', 'check_world', 'WorldSplit', 'World',
+           'save_world', 'get_world', 'WorldSemantic', 'WorldEpisodes', 'WorldCaptions', 'WorldMosaic4',
+           'label_colours', 'show_samples']
+
+# %% ../nbs/03_embedded.ipynb #4a3fc63b
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import ConfigError, GE0, GE1, register_section
+
+@dataclass
+class WorldConfig:
+    "The embedded world (ovseg.embedded)."
+    image_size: int = 64            # square images, pixels
+    colours: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"])
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross", "ring"])
+    patterns: list[str] = field(default_factory=list)  # e.g. ["plain", "striped", "dotted"]; empty: no pattern word
+    backgrounds: list[str] = field(default_factory=lambda: ["plain", "striped", "checkered", "dotted", "noisy", "gradient"])
+    min_objects: int = 1            # objects per image (classes may repeat)
+    max_objects: int = 3
+    min_size: float = 0.14          # object radius as a fraction of the image side
+    max_size: float = 0.3
+    noise: float = 0.02             # std of per-pixel Gaussian noise
+    n_train: int = 3000             # images per split
+    n_val: int = 500
+    n_folds: int = 4                # base/novel folds over the class compositions
+    n_episodes: int = 1000          # evaluation episodes per fold (capped by what exists)
+    n_mosaics: int = 250            # Mosaic-4 mosaics (each gives four episodes)
+    ignore_border: int = 0          # width (px) of 255-ignore bands at label boundaries
+    chunk: int = 256                # images generated per vectorised chunk (part of the seed stream)
+    out_dir: str = "outputs/world"  # where the `world` stage writes the world
+
+def check_world(w: WorldConfig, where: str = "world"):
+    "Checks across keys of a `world` section (single values: the ranges registered below)."
+    if w.min_objects > w.max_objects:
+        raise ConfigError(f"{where}.min_objects = {w.min_objects} must be <= world.max_objects = {w.max_objects}")
+
+register_section("world", WorldConfig, check=check_world, ranges={
+    "image_size": GE1, "min_objects": GE1, "max_objects": GE1, "n_train": GE1, "n_val": GE1, "n_folds": GE1,
+    "n_episodes": GE1, "noise": GE0, "chunk": GE1})
 
 # %% ../nbs/03_embedded.ipynb #348edfd0
 COLOURS = {

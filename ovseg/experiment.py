@@ -14,15 +14,17 @@ import torch
 from torch import nn
 
 from .core import Config, TrainConfig, atomic_write_text, pick_device, progress, seed_everything
-from .data import collate, same_size_batches, sliding_window, tta_predict
+from .images import collate, same_size_batches
+from .windows import sliding_window, tta_predict
 from .metrics import EpisodicMetric, SemanticMetric, metrics_json
 from .train import ARCHS, fit
 
 # %% auto #0
-__all__ = ['check_method', 'evaluate_episodes', 'mean_over_folds', 'predict_windows', 'evaluate_semantic', 'WithFeatures',
-           'FeatureEpisodes', 'compute_features', 'world_cache_dir', 'world_features', 'Task', 'world_episodes',
-           'world_semantic', 'train_config', 'run_dir_name', 'run_one', 'run_grid', 'summarise', 'paper_figure',
-           'paper_cell', 'fold_table', 'write_results']
+__all__ = ['METHODS', 'check_method', 'GalleryView', 'MethodInfo', 'register_method', 'methods', 'evaluate_episodes',
+           'mean_over_folds', 'predict_windows', 'evaluate_semantic', 'WithFeatures', 'FeatureEpisodes',
+           'compute_features', 'world_cache_dir', 'world_features', 'Task', 'world_episodes', 'world_semantic',
+           'train_config', 'run_dir_name', 'run_one', 'run_grid', 'summarise', 'paper_figure', 'paper_cell',
+           'fold_table', 'write_results']
 
 # %% ../nbs/08a_experiment.ipynb #838a40b7
 def _lacking(model: nn.Module, methods: Sequence[str]) -> list[str]:
@@ -42,6 +44,50 @@ def _need(model: nn.Module, method: str, signature: str):
     "One TypeError when an evaluation needs a method `model` lacks (evaluation itself needs no training or registration)."
     if _lacking(model, [method]):
         raise TypeError(f"{type(model).__name__} has no {method}{signature}, which this evaluation calls")
+
+# %% ../nbs/08a_experiment.ipynb #2289dda2
+from dataclasses import field
+from typing import Literal
+
+@dataclass(frozen=True)
+class GalleryView:
+    "How the gallery asks a method's model: the run folder it loads and the protocol its table scores it with."
+    run: str                    # run folder below paths.outputs, with {fold} and {seed}: holds model/, checkpoint/ or an open_clip folder
+    protocol: Literal["semantic", "semantic_nobg", "episodes"]   # all names + background | all names, background pixels unscored | the classes present, one episode each
+    row: dict | None = None     # the run's line in its stage's results.json (these keys and values), when the run has no eval.json
+
+@dataclass(frozen=True)
+class MethodInfo:
+    "What the figures and tables know of a method (`register_method`)."
+    name: str                   # its key: the params.yaml section it registered, if any
+    display: str                # how figures and tables name it
+    module: str                 # the module that registered it
+    stages: tuple[str, ...] = ()     # DVC stages writing its tables (outputs/<stage>/results.json)
+    ablations: tuple[str, ...] = ()  # those of `stages` with tables of their own (left out of the summary's)
+    paper_keys: dict = field(default_factory=dict)   # stage -> {variant: dotted key of repro/paper_figures.json}
+    gallery: GalleryView | None = None
+    order: int = 100            # position in figures and tables
+
+METHODS: dict[str, MethodInfo] = {}
+
+def register_method(name: str, display: str, stages: Sequence[str] = (), ablations: Sequence[str] = (),
+                    paper_keys: dict | None = None, gallery: GalleryView | None = None, order: int = 100,
+                    module: str | None = None) -> MethodInfo:
+    "Declare method `name` to the gallery and the summary (see above); call it once, in the method's own module."
+    import inspect
+    if not stages and gallery is None: raise ValueError(f"register_method({name!r}): give its stages, its gallery view or both")
+    if set(ablations) - set(stages): raise ValueError(f"register_method({name!r}): ablations {sorted(set(ablations) - set(stages))} are not among its stages")
+    if set(paper_keys or {}) - set(stages): raise ValueError(f"register_method({name!r}): paper_keys of unknown stages {sorted(set(paper_keys) - set(stages))}")
+    mod = module or inspect.currentframe().f_back.f_globals.get("__name__", "?")
+    info = MethodInfo(name, display, mod, tuple(stages), tuple(ablations), dict(paper_keys or {}), gallery, order)
+    METHODS[name] = info
+    return info
+
+def methods() -> list[MethodInfo]:
+    "Every registered method (after `ovseg.core.discover()`), in `order`."
+    from ovseg.core import discover
+    discover()
+    return sorted(METHODS.values(), key=lambda m: (m.order, m.name))
 
 # %% ../nbs/08a_experiment.ipynb #e393fb5f
 @torch.no_grad()

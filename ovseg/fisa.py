@@ -17,17 +17,88 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from .core import FisaConfig, FisaSettings, TrainConfig, from_dict
+from .core import TrainConfig, from_dict
 from .data import SegDataset, register_dataset
 from .denseclip import interpolate_pos_embed, value_path
 from .maskgen import mask_pool, oracle_masks, two_stage_ensemble
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['TRAINABLE', 'prompt_tokens', 'SEVE', 'LoRA', 'add_lora', 'TextConditionedViT', 'count_parameters', 'fisa_ensemble',
-           'panoptic_inference', 'Fisa', 'trainable_parameters', 'rgb2id', 'panoptic_class_name', 'COCOFormatPanoptic',
-           'COCOPanoptic', 'ADE20KPanoptic', 'panoptic_targets', 'PanopticProposerTraining', 'evaluate_panoptic',
-           'generator_config', 'backbone_taps', 'build_generator', 'train_fisa', 'real_train_set']
+__all__ = ['TRAINABLE', 'FisaConfig', 'FisaSettings', 'check_fisa', 'prompt_tokens', 'SEVE', 'LoRA', 'add_lora',
+           'TextConditionedViT', 'count_parameters', 'fisa_ensemble', 'panoptic_inference', 'Fisa',
+           'trainable_parameters', 'rgb2id', 'panoptic_class_name', 'COCOFormatPanoptic', 'COCOPanoptic',
+           'ADE20KPanoptic', 'panoptic_targets', 'PanopticProposerTraining', 'evaluate_panoptic', 'generator_config',
+           'backbone_taps', 'build_generator', 'train_fisa', 'real_train_set']
+
+# %% ../nbs/12_fisa.ipynb #f60e6447
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import ConfigError, TrainConfig, register_section
+
+@dataclass
+class FisaConfig:
+    """FISA (ovseg.fisa): a frozen mask generator (a saved zsseg model) whose CLIP classifies the proposals after a
+    text-conditioned adapter (SEVE) has been trained in a small part of the CLIP image tower (SIMO). Architecture and
+    inference only; it is saved with the model. Every field marked ASSUMPTION is a choice the paper's abstract leaves
+    open (docs/fisa.md lists them with the reasons)."""
+    generator: str = ""             # saved zsseg model directory: the frozen mask generator and the CLIP it carries
+    generator_config: dict[str, Any] = field(default_factory=dict)  # its ZsSegConfig; filled in when built, so a saved FISA needs no generator dir
+    class_names: list[str] = field(default_factory=list)   # training label space (label k = class_names[k]); empty: the generator's
+    unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training; the generator's when class_names is empty
+    depth: int = 1                  # ASSUMPTION: SEVE sits after this many ViT blocks ("early": 1 of 4 embedded, 3 of 12 = L/4 paper)
+    heads: int = 0                  # SEVE attention heads; 0: the ViT's own head count
+    conditioning: Literal["tokens", "pooled", "none"] = "tokens"  # ASSUMPTION: keys/values = every token of each class prompt | one pooled embedding per class | none: self-attention (the no-text ablation)
+    prompt: str = "a picture of a {}"  # ASSUMPTION: the one template of the conditioning prompts
+    trainable: Literal["adapter", "adapter+norms", "adapter+norms+LoRA", "full"] = "adapter+norms+LoRA"  # ASSUMPTION (SIMO): what trains besides SEVE: LayerNorms from the injection point on, + LoRA on their attention, or the whole image tower
+    lora_rank: int = 4              # ASSUMPTION: LoRA rank r on the qkv projection of the blocks after SEVE
+    lora_alpha: float = 4.0         # LoRA scale alpha / r
+    dense: Literal["tokens", "value"] = "tokens"  # dense CLIP features pooled per mask: final patch tokens | MaskCLIP's value path in the last block (ViTs with token pooling)
+    pool: Literal["soft", "binary"] = "soft"      # ASSUMPTION: mask pooling weighted by sigmoid(mask) | by the binarised mask (FC-CLIP)
+    mask_threshold: float = 0.5     # a proposal is valid (classified) when its binarised mask is not empty
+    logit_scale: float = 100.0      # logits = scale * cos (CLIP's)
+    lam: float = 0.8                # ensemble with the generator's class head: CLIP weight on unseen classes (zsseg's lambda; FC-CLIP beta 0.8); <= 0: the adapted CLIP alone
+    lam_seen: float | None = None   # ASSUMPTION: generator-head weight on seen classes; None: lam (zsseg); 0.6 = FC-CLIP's 1 - alpha
+    ensemble: bool = True           # False: the adapted CLIP alone (no generator class head)
+    train_masks: Literal["gt", "gt+pred"] = "gt"  # ASSUMPTION: training masks: ground truth only | also proposals with IoU >= 0.5 to a ground-truth mask
+    object_threshold: float = 0.8   # panoptic inference (Mask2Former's): keep proposals whose top class probability exceeds this
+    overlap_threshold: float = 0.8  # ... and that keep this fraction of their own mask after pixels go to their best proposal
+
+@dataclass
+class FisaSettings:
+    "The `fisa` section of params.yaml: the model (`model`, saved with it), its training runs and the experiment grid."
+    model: FisaConfig = field(default_factory=lambda: FisaConfig())
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=500, batch_size=32, lr=1e-3, weight_decay=0.01,
+                                                                   weight_decay_end=0.01, warmup_steps=20))  # FISA's trainable part
+    generator_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1500, batch_size=32, lr=1e-3, weight_decay=1e-4,
+                                                                             weight_decay_end=1e-4, grad_clip=0.01))  # the mask generator (zsseg stage 1)
+    generator: dict[str, Any] = field(default_factory=dict)  # the generator's ZsSegConfig fields (ovseg.twostage) over its base: ZsSegConfig() (world) | paper_config() (real)
+    generator_dir: str = "outputs/fisa/generator/fold{fold}"  # the frozen generator of each fold: loaded if there, trained and saved if not
+    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's folds | real: COCO-panoptic training, the mIoU/PQ benchmarks
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    folds: list[int] = field(default_factory=lambda: [0])
+    train_set: str = "coco_panoptic"             # real: the training set (ovseg.data.create_dataset name)
+    eval_sets: list[str] = field(default_factory=lambda: ["ade150", "pc59", "voc20", "ade847", "pc459"])  # real: mIoU benchmarks
+    panoptic_sets: list[str] = field(default_factory=lambda: ["ade_panoptic"])  # real: PQ benchmarks
+
+def check_fisa(s: FisaSettings, where: str = "fisa"):
+    "Range checks of a `fisa` section (types are checked by `from_dict`)."
+    m = s.model
+    checks = [("model.depth", m.depth >= 0, ">= 0"), ("model.heads", m.heads >= 0, ">= 0"),
+              ("model.lora_rank", m.lora_rank >= 1, ">= 1"), ("model.mask_threshold", 0 <= m.mask_threshold < 1, "in [0, 1)"),
+              ("model.logit_scale", m.logit_scale > 0, "> 0"), ("model.lam", m.lam <= 1, "<= 1"),
+              ("model.lam_seen", m.lam_seen is None or 0 <= m.lam_seen <= 1, "in [0, 1] or null"),
+              ("model.object_threshold", 0 <= m.object_threshold <= 1, "in [0, 1]"),
+              ("model.overlap_threshold", 0 <= m.overlap_threshold <= 1, "in [0, 1]"),
+              ("model.prompt", "{}" in m.prompt, "a template with '{}'"),
+              ("model.generator_config", not m.generator_config, "empty in a settings file (it is filled in when the model is built)"),
+              ("train.max_steps", s.train.max_steps >= 0, ">= 0"), ("train.lr", s.train.lr > 0, "> 0"),
+              ("generator_train.lr", s.generator_train.lr > 0, "> 0")]
+    for key, ok, need in checks:
+        if not ok:
+            v = getattr(m, key.split(".", 1)[1]) if key.startswith("model.") else getattr(getattr(s, key.split(".")[0]), key.split(".")[1])
+            raise ConfigError(f"{where}.{key} = {v!r} must be {need}")
+
+register_section("fisa", FisaSettings, check=check_fisa)
 
 # %% ../nbs/12_fisa.ipynb #ea65ac7d
 def _text_tower(text_encoder) -> nn.Module:
@@ -621,7 +692,7 @@ def evaluate_panoptic(model: Fisa, dataset, class_names: Sequence[str] | None = 
 
 # %% ../nbs/12_fisa.ipynb #f64f26ef
 def _loader(dataset, batch_size: int, seed: int = 0, num_workers: int = 0):
-    from ovseg.data import collate
+    from ovseg.images import collate
     return torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, collate_fn=collate,
                                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
 
@@ -677,6 +748,13 @@ def train_fisa(settings: FisaSettings, generator: nn.Module, train_set, out_dir:
 
 def real_train_set(settings: FisaSettings, root: str | os.PathLike, data_cfg=None):
     "The real training set (`settings.train_set`, e.g. COCO panoptic) with the standard crop/flip/jitter transform of `data_cfg`."
-    from ovseg.data import create_dataset, train_transform
+    from ovseg.data import create_dataset
+    from ovseg.images import train_transform
     tf = train_transform(data_cfg.crop_size, data_cfg.scale_range, data_cfg.base_size, data_cfg.flip, data_cfg.jitter) if data_cfg else None
     return create_dataset(settings.train_set, root, "train", transform=tf)
+
+# %% ../nbs/12_fisa.ipynb #266c61a9
+from .experiment import GalleryView, register_method
+
+register_method("fisa", "FISA (SEVE early)", order=40, stages=("fisa",),
+                gallery=GalleryView("fisa/runs/fisa_early_f{fold}_s{seed}", "semantic_nobg", {"key": "early"}))

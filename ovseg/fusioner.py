@@ -14,15 +14,86 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import FusionerConfig, FusionerSettings, autocast, progress
+from .core import autocast, progress
 from .data import collate  # the one batching rule for sample dicts
 from .train import register_arch
 from .experiment import Task, evaluate_episodes, run_one, world_cache_dir, world_episodes, world_features   # the shared experiment layer
 
 # %% auto #0
-__all__ = ['OFFICIAL_DATASET', 'drop_path', 'Block', 'Decoder', 'fit_to_output', 'FusionHead', 'binary_episode_loss',
-           'multiclass_loss', 'build_encoders', 'for_dataset', 'Fusioner', 'load_fusioner', 'WorldFusioner',
-           'pair_config', 'pair_spec', 'OfficialAugment', 'RawNames', 'paper_task', 'paper_model', 'train_from_config']
+__all__ = ['OFFICIAL_DATASET', 'FusionerConfig', 'FusionerSettings', 'check_fusioner', 'drop_path', 'Block', 'Decoder',
+           'fit_to_output', 'FusionHead', 'binary_episode_loss', 'multiclass_loss', 'build_encoders', 'for_dataset',
+           'Fusioner', 'load_fusioner', 'WorldFusioner', 'pair_config', 'pair_spec', 'OfficialAugment', 'RawNames',
+           'paper_task', 'paper_model', 'train_from_config']
+
+# %% ../nbs/09_fusioner.ipynb #ca054462
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import BETA, ConfigError, GE0, GE1, POS, register_section
+
+@dataclass
+class FusionerConfig:
+    "The Fusioner model (ovseg.fusioner): what rebuilds it, saved as its config.json (the runs: `FusionerSettings`)."
+    visual: str = "embedded-clip"   # visual encoder spec (ovseg.encoders); "random:<spec>" = random weights
+    text: str = "embedded-clip"     # text encoder spec; the same CLIP spec as visual -> both towers, one load
+    visual_stride: int = 0          # >0: ask the visual encoder for features at this stride (EfficientNet taps)
+    pretrained: str = ""            # pretrained tag / path for open_clip specs ("" = none or in-dir)
+    visual_dim: int = 0             # visual feature dim; 0 = from the encoder (filled in when built)
+    text_dim: int = 0               # text embedding dim; 0 = from the encoder
+    templates: str = "fusioner"     # prompt templates for class embeddings
+    dim: int = 512                  # fusion width d
+    depth: int = 12                 # transformer blocks L (0 = the no-fusion ablation)
+    heads: int = 8                  # attention heads
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0          # stochastic depth, linearly increasing over blocks (paper: 0)
+    max_classes: int = 32           # per_slot class embeddings: how many slots
+    class_embed: Literal["shared", "per_slot"] = "shared"  # shared: one (1, d) N(0,1) embedding added to every text token (paper); per_slot: one per class slot, trunc-normal(0.02)
+    out_proj: Literal["matrix", "linear"] = "matrix"  # output projections: bias-free d x d, init d^-0.5 randn (paper) | nn.Linear
+    init: Literal["torch", "trunc_normal"] = "torch"  # other Linear layers: PyTorch's default (paper) | trunc-normal(0.02), zero bias
+    decoder_channels: list[int] = field(default_factory=lambda: [512, 512, 512, 512])  # 4 stages (paper: d throughout)
+    decoder_affine: bool = False    # InstanceNorm with a learned scale and shift (paper: without)
+    resize: Literal["features", "logits"] = "features"  # what is resized to the output size: decoder features before the cosine (paper) | logits after
+    feature_stride: int = 0         # pixels per visual feature cell; 0 = from the encoder (filled in when built)
+    loss_reduction: Literal["image", "pixel"] = "image"  # BCE: mean per image, then over the batch (paper) | mean over all valid pixels
+    input_norm: Literal["dataset", "encoder"] = "dataset"  # image normalisation: the dataset's mean/std below (paper) | the encoder's own (CLIP's)
+    input_mean: list[float] = field(default_factory=lambda: [0.4554, 0.4298, 0.3955])  # official PASCAL values (COCO-20i runs use the official COCO ones)
+    input_std: list[float] = field(default_factory=lambda: [0.1181, 0.1189, 0.1338])
+    weights: dict[str, str] = field(default_factory=dict)  # encoder spec -> local weights (merged from encoders.weights)
+    temperature: float = 0.07       # cosine / temperature
+    fusion: bool = True             # False: no-fusion ablation (projected features compared)
+    mode: Literal["binary", "multiclass"] = "binary"  # sigmoid BCE episodes | softmax over classes
+
+@dataclass
+class FusionerSettings:
+    "The `fusioner` section of params.yaml: the model (`model`, saved with it), the run grid and the test protocol of its stages."
+    model: FusionerConfig = field(default_factory=FusionerConfig)
+    benchmark: Literal["world", "real"] = "world"  # which episodes `ovseg train` and the repro stages use: the embedded world | PASCAL-5i / COCO-20i under paths.data
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # repro runs over these seeds
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    episodes_per_fold: int = 1000   # test episodes per fold
+    train_images: int = 0           # 0: all; >0: a seeded subset of the training episodes
+    crop: int = 224                 # training crop (paper: 224); also the size of `eval_protocol: resize`
+    augment: Literal["official", "ovseg"] = "official"  # training crops: the official pipeline (ovseg.fusioner.OfficialAugment) | ovseg.images.train_transform
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # official: RandomResizedCrop area scale
+    class_names: Literal["raw", "clean"] = "raw"  # the datasets' raw names ('pottedplant', paper) | cleaned ('potted plant')
+    eval_protocol: Literal["slide", "resize", "native"] = "slide"  # episodes: `window` windows every `stride` on the original image (official README) | image and label resized to `crop` | whole image
+    window: int = 224               # sliding-window size at test (paper: 224)
+    stride: int = 149               # sliding-window stride at test (paper: 224 * 2/3)
+    flip: bool = False              # flip test-time augmentation (paper: none)
+    skip_empty: bool = True         # evaluation skips episodes whose label has no foreground (official)
+    pairs: list[str] = field(default_factory=list)  # encoder-pair ablation "visual|text" specs
+    depths: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 12])  # fusion-depth ablation
+    ablation_folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # folds of the ablation tables
+    n_mosaics: int = 250            # Mosaic-4 mosaics per fold (each gives four episodes)
+
+def check_fusioner(s: FusionerSettings, where: str = "fusioner"):
+    "Checks across keys of a `fusioner` section (single values: the ranges registered below)."
+    if s.model.dim % s.model.heads:
+        raise ConfigError(f"{where}.model.dim = {s.model.dim} must be divisible by fusioner.model.heads = {s.model.heads}")
+
+register_section("fusioner", FusionerSettings, check=check_fusioner, ranges={
+    "model.dim": GE1, "model.depth": GE0, "model.heads": GE1, "model.mlp_ratio": POS, "model.drop_path": BETA,
+    "model.max_classes": GE1, "model.temperature": POS, "crop": GE1, "window": GE1, "stride": GE1,
+    "episodes_per_fold": GE1, "train_images": GE0})
 
 # %% ../nbs/09_fusioner.ipynb #b024f08a
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -451,7 +522,8 @@ def paper_task(dataset: str, cfg, runs: FusionerSettings | None = None) -> Task:
     `augment`, `crop`; names `class_names`), `episodes_per_fold` novel-class episodes scored with
     `eval_protocol` (`window`, `stride`, `skip_empty`). Training runs its fixed length and the final
     weights are scored: nothing is selected on the test folds."""
-    from ovseg.data import Resize, create_dataset, train_transform
+    from ovseg.images import Resize, train_transform
+    from ovseg.data import create_dataset
     s = cfg.params.fusioner if runs is None else runs
     dc, root = cfg.params.data, cfg.params.paths.data
     raw = lambda ds: RawNames(ds) if s.class_names == "raw" else ds
@@ -506,3 +578,13 @@ def train_from_config(cfg, out_dir, fold: int | None = None, seed: int | None = 
                seconds=round(time.time() - t0, 2))
     atomic_write_text(out / "eval.json", metrics_json(res, indent=1))   # strict JSON: null, never NaN
     return out
+
+# %% ../nbs/09_fusioner.ipynb #caa1dd42
+from .experiment import GalleryView, register_method
+
+register_method("fusioner", "Fusioner", order=10,
+                stages=("fusioner_pascal5i", "fusioner_coco20i", "fusioner_mosaic4", "fusioner_encoders", "fusioner_depth"),
+                ablations=("fusioner_encoders", "fusioner_depth"),
+                paper_keys={"fusioner_pascal5i": {"Fusioner": "pascal5i.mean", "no fusion": "no_fusion"},
+                            "fusioner_coco20i": {"Fusioner": "coco20i.mean"}, "fusioner_mosaic4": {"Fusioner": "mosaic4.mean"}},
+                gallery=GalleryView("fusioner_pascal5i/runs/Fusioner_f{fold}_s{seed}", "episodes"))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoders import interpolate_pos_embed
+from .openclip import interpolate_pos_embed
 
 # %% auto #0
 __all__ = ['straight_through', 'gumbel_assign', 'hard_assign', 'Mlp', 'Attention', 'CrossAttnBlock', 'drop_path', 'Block',

@@ -15,17 +15,144 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cliptrain import contrastive_loss
-from .encoders import prompt_ensemble
-from .core import OVSegmentorConfig, OVSegmentorSettings, TrainConfig
+from .prompts import prompt_ensemble
+from .core import TrainConfig
 from .grouping import Block, CrossAttnBlock, GroupViT, ProjectMLP
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'OVSEG73', 'OVSEG73_SYNONYMS', 'paper_config', 'singular',
-           'lemma', 'EntityParser', 'partner_arrays', 'partner_index', 'EntityCaptions', 'all_gather_grad', 'info_nce',
+__all__ = ['OVSEG_SETTINGS', 'CLIP_MEAN', 'CLIP_STD', 'ANSWER_TEMPLATES', 'MASK', 'OVSEG73', 'OVSEG73_SYNONYMS',
+           'OVSegmentorConfig', 'OVSegmentorSettings', 'check_ovsegmentor', 'paper_config', 'singular', 'lemma',
+           'EntityParser', 'partner_arrays', 'partner_index', 'EntityCaptions', 'all_gather_grad', 'info_nce',
            'match_masks', 'mask_consistency_loss', 'MultimodalGroupingBlock', 'OVSegmentor', 'scores', 'predict',
            'stage2', 'choose_thresholds', 'init_visual', 'CropFlip', 'train_stage', 'setting_recipe', 'build_model',
            'StringColumn', 'CaptionList']
+
+# %% ../nbs/11_ovsegmentor.ipynb #c960e523
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import ConfigError, TrainConfig, register_section
+
+@dataclass
+class OVSegmentorConfig:
+    "OVSegmentor (ovseg.ovsegmentor): GroupViT sizes, frozen text encoder, losses, inference rules; saved with the model."
+    image_size: int = 64                    # training input side (pos-embed grid; paper 224)
+    patch_size: int = 8                     # paper 16
+    width: int = 96                         # paper 768
+    heads: int = 3                          # paper 8
+    depths: list[int] = field(default_factory=lambda: [2, 2])   # blocks before / after grouping (paper [6, 6])
+    group_tokens: int = 16                  # learned group tokens in stage 1 (paper 64)
+    groups: int = 8                         # segment tokens after grouping (paper 8)
+    token_ratio: float = 0.5                # token-mixing MLP hidden = token_ratio * width
+    drop_path: float = 0.0                  # paper 0.1
+    gumbel_tau: float = 1.0
+    assign_eps: float = 1.0
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])   # input normalisation (CLIP's; DINO: ImageNet's)
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    text: str = "minilm"                    # frozen text encoder spec (ovseg.encoders; paper "bert-base")
+    text_weights: str = ""                  # local weights dir for `text` ("" = its default)
+    text_pooling: Literal["mean", "cls"] = "mean"   # caption embedding: mean over tokens | [CLS] (official)
+    embed_dim: int = 64                     # joint space (paper 256)
+    proj_hidden: int = 256                  # ProjectMLP hidden width (paper 4096)
+    logit_scale_init: float = 1 / 0.07      # learned temperature, exp(logit_scale) clamped at 100
+    vocabulary: list[str] = field(default_factory=list)   # entity phrases for MEC / CMC (paper: 73 nouns; embedded: the world's classes)
+    answer_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # MEC answer prefixes, one drawn per caption (official: ImageNet templates; a set name such as imagenet80 expands)
+    answer_style: Literal["prefix", "format"] = "prefix"   # MEC answer: template text before '{}' + entities (official) | template.format(entities) (ovseg v1)
+    mec_weight: float = 1.0                 # masked entity completion (0: off)
+    cmc_weight: float = 0.0                 # cross-image mask consistency (stage 2: 0.1; > 0 adds the momentum encoder)
+    momentum: float = 0.99                  # EMA of the momentum image encoder, after every optimiser step
+    cross_threshold: float = 0.6            # CMC target: sigmoid mask binarised at this fraction of its max
+    group_ratio: float = 0.5                # CMC: this fraction of A's groups least like the entity is detached
+    entity_prompt: str = "A photo of {}"     # CMC: the entity's text for choosing the detached groups (official "A photo of " + entity; v1 "a photo of a {}.")
+    cmc_loss: Literal["official", "v1"] = "official"   # official: dice over an image's masks jointly, summed over images / #groups, matching on
+                                            # L2-normalised raw logit maps, groups ranked by dot product | v1: mean dice per mask, matching on
+                                            # min-max predictions vs binarised targets, cosine ranking
+    momentum_train_mode: bool = True        # CMC: the momentum encoder runs in train mode (official: drop path active) | False: eval mode (v1)
+    project_groups: bool = True             # official: every training step also projects the segment tokens, so their BatchNorm statistics
+                                            # join img_proj's running statistics (used at inference) | False: only the pooled feature (v1)
+    mec_head: Literal["official", "v1"] = "official"   # official: LN(SelfAttn(p) + p), p the cross-attention output, no padding mask, a width
+                                            # alignment Linear only where widths differ | v1: LN(SelfAttn(p, mask) + LN(q)), a question Linear always
+    patch_norm: bool = False                # a LayerNorm on [patches ; group tokens] before stage 1 (official: none; v1 and an open_clip init: True)
+    text_trainable: bool = False            # fine-tune the text encoder (official stage 1: BERT trained, features in the step) | False: frozen + cached
+    text_batch: int = 256                   # strings per text-encoder forward (padded, length-sorted)
+    class_template: str = "a photo of a {}."   # inference class prompt(s), ";"-separated for several
+    topk: int = 5                           # inference: the image-level filter keeps this many classes (0: off)
+    bg_thresh: float = 0.95                 # background when max score < min(bg_thresh, max of the score matrix)
+    inference_rule: Literal["official", "image_filter"] = "official"   # official: each group's logits re-softmaxed over the image's top-k classes
+                                            # x its unmasked softmax; background vs the max of that matrix | image_filter (v1): the image-level
+                                            # softmax over the top-k multiplied into every group; background vs the max group affinity
+    window: int = 0                         # sliding-window side in pixels (0: whole image; paper 448)
+    stride: int = 0                         # sliding-window stride (paper 224)
+
+@dataclass
+class OVSegmentorSettings:
+    "The `ovsegmentor` section of params.yaml: the model (`model`, saved with it), its two training stages, threshold choice, the experiment grid."
+    model: OVSegmentorConfig = field(default_factory=lambda: OVSegmentorConfig())
+    init: str = "embedded-clip"             # GroupViT blocks from: embedded-clip (outputs/embedded_clip) | random | a visual encoder spec
+                                            # (dino-vitb16; weights from encoders.weights) | a ViT state-dict file or open_clip folder
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, batch_size=64, lr=2e-3, min_lr=5e-4, warmup_steps=15,
+                                                                    weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # contrast (+ MEC)
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, batch_size=32, lr=3e-5, min_lr=3e-6,
+                                                                    weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # + CMC (momentum encoder)
+    cmc_weight: float = 0.1                 # stage-2 weight of the cross-image mask consistency
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])         # stage 1: random resized crop, area fraction (paper 0.08-1)
+    stage2_crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # stage 2 (paper 0.4-1)
+    partners: int = 10                      # CMC: partner images per image, sharing an entity (drawn once, seeded)
+    train_images: int = 0                   # world: caption-training images (0: all but the holdout)
+    holdout: int = 300                      # world: training images never trained on; topk and bg_thresh are chosen on them
+    bg_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # bg_thresh candidates
+    topk_grid: list[int] = field(default_factory=lambda: [3, 5])                 # top-k filter candidates
+    bg_thresh: dict[str, float] = field(default_factory=dict)   # real: fixed bg_thresh per dataset (official: voc21 0.95, pc60 0.35, coco_object 0.9)
+    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's captions and labels | real: `captions` + the eval_sets
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    settings: list[str] = field(default_factory=lambda: ["contrast", "mec", "cmc", "cmc_random"])  # (a) (b) (c) (d) of the loss table
+    strict_fold: int = 0                    # world: the fold whose novel classes never occur in the strict split's captions (-1: no strict split)
+    strict_settings: list[str] = field(default_factory=lambda: ["contrast", "mec", "cmc", "cmc_random"])
+    strict_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    group_counts: list[int] = field(default_factory=lambda: [4, 8, 16])   # the #groups ablation (setting `group_setting`)
+    group_setting: str = "mec"
+    group_seeds: list[int] = field(default_factory=lambda: [0])
+    captions: str = ""                      # real: (image path, caption) list, CSV or TSV, one pair per line
+    images_root: str = ""                   # real: relative image paths resolve here ("" = the list's folder)
+    eval_sets: list[str] = field(default_factory=lambda: ["voc21", "pc60", "coco_object", "ade150"])   # real: ovseg.data names
+    eval_short_side: int = 448              # real: images resized to this short side before the windows
+
+OVSEG_SETTINGS = ("contrast", "mec", "mec_stage2", "cmc", "cmc_random")   # (a) (b) (b + stage 2 without CMC: the control) (c) (d)
+
+def check_ovsegmentor(s: OVSegmentorSettings, where: str = "ovsegmentor"):
+    "Range checks of an `ovsegmentor` section (types are checked by `from_dict`)."
+    m = s.model
+    lo, hi = (s.crop_scale + [0, 0])[:2]; lo2, hi2 = (s.stage2_crop_scale + [0, 0])[:2]
+    checks = [("model.width", m.width >= 1 and m.width % max(m.heads, 1) == 0, f"divisible by model.heads = {m.heads}"),
+              ("model.image_size", m.image_size >= 1 and m.image_size % max(m.patch_size, 1) == 0, f"a multiple of model.patch_size = {m.patch_size}"),
+              ("model.depths", len(m.depths) == 2 and min(m.depths) >= 0, "two block counts >= 0"),
+              ("model.groups", 1 <= m.groups, ">= 1"), ("model.group_tokens", m.group_tokens >= 1, ">= 1"),
+              ("model.topk", m.topk >= 0, ">= 0"), ("model.bg_thresh", 0 <= m.bg_thresh <= 1, "in [0, 1]"),
+              ("model.momentum", 0 <= m.momentum < 1, "in [0, 1)"), ("model.cross_threshold", 0 < m.cross_threshold <= 1, "in (0, 1]"),
+              ("model.group_ratio", 0 <= m.group_ratio < 1, "in [0, 1)"), ("model.mec_weight", m.mec_weight >= 0, ">= 0"),
+              ("model.cmc_weight", m.cmc_weight >= 0, ">= 0"), ("model.stride", m.stride <= m.window, "<= model.window"),
+              ("model.class_template", "{}" in m.class_template, "a template with '{}'"),
+              ("model.answer_templates", bool(m.answer_templates) and all(t.strip() for t in m.answer_templates), "templates with '{}' or template set names"),
+              ("model.entity_prompt", "{}" in m.entity_prompt, "a template with '{}'"), ("model.text_batch", m.text_batch >= 1, ">= 1"),
+              ("cmc_weight", s.cmc_weight > 0, "> 0"), ("stage1.lr", s.stage1.lr > 0, "> 0"), ("stage2.lr", s.stage2.lr > 0, "> 0"),
+              ("crop_scale", len(s.crop_scale) == 2 and 0 < lo <= hi <= 1, "[low, high] with 0 < low <= high <= 1"),
+              ("stage2_crop_scale", len(s.stage2_crop_scale) == 2 and 0 < lo2 <= hi2 <= 1, "[low, high] with 0 < low <= high <= 1"),
+              ("partners", s.partners >= 1, ">= 1"), ("holdout", s.holdout >= 0, ">= 0"), ("train_images", s.train_images >= 0, ">= 0"),
+              ("bg_grid", bool(s.bg_grid) and all(0 <= t <= 1 for t in s.bg_grid), "values in [0, 1]"),
+              ("topk_grid", bool(s.topk_grid) and all(k >= 0 for k in s.topk_grid), "values >= 0"),
+              ("bg_thresh", all(0 <= t <= 1 for t in s.bg_thresh.values()), "values in [0, 1]"),
+              ("settings", all(x in OVSEG_SETTINGS for x in s.settings), f"names from {list(OVSEG_SETTINGS)}"),
+              ("strict_settings", all(x in OVSEG_SETTINGS for x in s.strict_settings), f"names from {list(OVSEG_SETTINGS)}"),
+              ("group_setting", s.group_setting in OVSEG_SETTINGS, f"one of {list(OVSEG_SETTINGS)}"),
+              ("group_counts", all(g >= 1 for g in s.group_counts), "values >= 1"), ("strict_fold", s.strict_fold >= -1, ">= -1"),
+              ("eval_short_side", s.eval_short_side >= 1, ">= 1")]
+    for key, ok, need in checks:
+        if not ok:
+            obj = s
+            for part in key.split("."): obj = getattr(obj, part)
+            raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
+
+register_section("ovsegmentor", OVSegmentorSettings, check=check_ovsegmentor)
 
 # %% ../nbs/11_ovsegmentor.ipynb #fb88fb70
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -281,7 +408,7 @@ _TEXT_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # text
 
 def _answer_templates(entries: Sequence[str]) -> list[str]:
     "MEC answer templates: each entry a '{}' template or a template set name of `ovseg.encoders` (e.g. imagenet80)."
-    from ovseg.encoders import get_templates
+    from ovseg.prompts import get_templates
     out = [t for e in entries for t in get_templates(e)]
     if not out: raise ValueError("answer_templates is empty; give '{}' templates or a set name such as 'imagenet80'")
     return out
@@ -521,7 +648,7 @@ class OVSegmentor(nn.Module):
 # %% ../nbs/11_ovsegmentor.ipynb #cec858d6
 @torch.no_grad()
 def _class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
-    "(K,E) class embeddings: `class_template`(s) embedded, averaged, L2-normalised (`ovseg.encoders.prompt_ensemble`)."
+    "(K,E) class embeddings: `class_template`(s) embedded, averaged, L2-normalised (`ovseg.prompts.prompt_ensemble`)."
     tpls = [t.strip() for t in self.config.class_template.split(";") if t.strip()]
     return prompt_ensemble(self.encode_text, names, tpls)
 
@@ -568,7 +695,7 @@ def _combine(parts: dict, topk: int, bg_thresh: float | None, rule: str = "offic
 @torch.no_grad()
 def scores(self, images01: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
     "(B,K,H,W) OVSegmentor scores of images in [0,1]; class 0 is background when class_names[0] == 'background'."
-    from ovseg.data import sliding_window
+    from ovseg.windows import sliding_window
     names = _check_names(class_names)
     background = names[0].strip().lower() == "background"
     fg = names[1:] if background else names
@@ -727,7 +854,6 @@ def train_stage(model: OVSegmentor, data, tcfg: TrainConfig, out_dir: str | os.P
 # %% ../nbs/11_ovsegmentor.ipynb #6bd7d52f
 def setting_recipe(setting: str) -> dict:
     "What a setting of the loss table trains: MEC on, stage 2, CMC in stage 2, random init."
-    from ovseg.core import OVSEG_SETTINGS
     if setting not in OVSEG_SETTINGS: raise ValueError(f"unknown setting {setting!r}; known: {', '.join(OVSEG_SETTINGS)}")
     return dict(mec=setting != "contrast", stage2=setting in ("mec_stage2", "cmc", "cmc_random"),
                 cmc=setting in ("cmc", "cmc_random"), random=setting.endswith("_random"))
@@ -791,7 +917,7 @@ class CaptionList(torch.utils.data.Dataset):
     def __len__(self): return len(self.files)
 
     def _load(self, k: int) -> torch.Tensor:
-        from ovseg.data import load_image
+        from ovseg.images import load_image
         img = load_image(self.root / self.files[k])
         if self.size and min(img.shape[-2:]) != self.size:
             h, w = img.shape[-2:]; s = self.size / min(h, w)
@@ -808,3 +934,9 @@ class CaptionList(torch.utils.data.Dataset):
                 self.skipped += 1
                 warnings.warn(f"{self.path}: skipping image {self.files[i]!r} ({type(e).__name__}: {str(e)[:200]}); {self.skipped} skipped so far")
         raise RuntimeError(f"{self.path}: {self.max_skip} unreadable images in a row from line {k + 1}; are the paths relative to {self.root}?")
+
+# %% ../nbs/11_ovsegmentor.ipynb #03a18526
+from .experiment import GalleryView, register_method
+
+register_method("ovsegmentor", "OVSegmentor", order=30, stages=("ovsegmentor",),
+                gallery=GalleryView("ovsegmentor/runs/cmc_f-1_s{seed}", "semantic"))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import (DatasetNotFoundError, SemanticDataset, _check_exists, _lut, clean_name, load_image, load_mask,
-                        register_dataset)
+from .data import DatasetNotFoundError, SemanticDataset, _check_exists, _lut, clean_name, load_mask, register_dataset
+from .images import load_image
 
 # %% auto #0
 __all__ = ['CAMVID_RAW', 'CAMVID_THINGS', 'CAMVID_FOLDS', 'find_data', 'camvid_fold_classes', 'CamVid', 'CamVidFeatures',

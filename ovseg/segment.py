@@ -18,12 +18,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import CorruptFileError, ImageError, image_to_tensor, read_image
+from .data import CorruptFileError
+from .images import ImageError, image_to_tensor, read_image
 from .encoders import _is_path
 
 # %% auto #0
-__all__ = ['available_models', 'resolve_device', 'load_model', 'working_size', 'sliding_logits', 'SegmentResult', 'label_dtype',
-           'segment', 'palette', 'label_png', 'overlay', 'output_paths', 'output_names', 'save_result']
+__all__ = ['SegmentConfig', 'check_segment', 'available_models', 'resolve_device', 'load_model', 'working_size', 'sliding_logits',
+           'SegmentResult', 'label_dtype', 'segment', 'palette', 'label_png', 'overlay', 'output_paths', 'output_names',
+           'save_result']
+
+# %% ../nbs/14_segment.ipynb #e88a0130
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import ConfigError, GE1, UNIT, register_section
+
+@dataclass
+class SegmentConfig:
+    "The segment API, dense CLIP and CLI (ovseg.segment, ovseg.denseclip)."
+    model: str = "outputs/embedded_clip"   # checkpoint dir, open_clip name/dir, for the demo and CLI default
+    pretrained: str | None = None         # open_clip pretrained tag or local weights path
+    short_side: int = 448                 # images with a larger short side are downscaled to this first
+    window: int = 448                     # sliding-window size (pixels, at the working resolution)
+    stride: int = 224                     # sliding-window stride
+    background_threshold: float | None = None  # max class probability below this -> "background"
+    residual: bool = True                 # dense CLIP: keep the last block's residual (MaskCLIP's code)
+    mlp: bool = True                      # dense CLIP: keep the last block's MLP (MaskCLIP's code)
+    demo_images: list[str] = field(default_factory=lambda: ["chelsea", "astronaut", "coffee"])  # skimage.data
+    demo_classes: list[str] = field(default_factory=lambda: ["cat", "person", "cup", "table", "wall", "sky"])
+
+def check_segment(s: SegmentConfig, where: str = "segment"):
+    "Checks across keys of a `segment` section (single values: the ranges registered below)."
+    if s.stride > s.window: raise ConfigError(f"{where}.stride = {s.stride} must be <= segment.window = {s.window}")
+
+register_section("segment", SegmentConfig, check=check_segment, ranges={
+    "short_side": GE1, "window": GE1, "stride": GE1, "background_threshold": UNIT})
 
 # %% ../nbs/14_segment.ipynb #a39e86c1
 from .inputs import SegmentError, parse_classes, check_model_spec, regular_file   # checked before torch loads
@@ -65,7 +93,7 @@ def load_model(spec: Any = None, pretrained: str | None = None, allow_encoder_mi
     in eval mode on `device` (`resolve_device`). A checkpoint whose frozen encoders now have other
     weights is refused unless `allow_encoder_mismatch`. A bare CLIP becomes the registered arch
     `clip_arch` with settings `options` (dense CLIP: residual, mlp); OpenAI weights build the QuickGELU
-    variant of the named model (`ovseg.encoders.resolve_activation`)."""
+    variant of the named model (`ovseg.openclip.resolve_activation`)."""
     if isinstance(spec, nn.Module) or (spec is not None and hasattr(spec, "predict") and not isinstance(spec, (str, os.PathLike))):
         if not hasattr(spec, "predict"): raise SegmentError(f"{type(spec).__name__} has no predict(images01, class_names)")
         return spec
@@ -92,7 +120,7 @@ def load_model(spec: Any = None, pretrained: str | None = None, allow_encoder_mi
     return model
 
 # %% ../nbs/14_segment.ipynb #49472710
-from .data import window_starts
+from .windows import window_starts
 from .experiment import predict_windows   # the one way a model runs over windows
 
 def working_size(size_hw: tuple[int, int], short_side: int | None) -> tuple[int, int]:
@@ -176,7 +204,7 @@ def segment(image: Any, classes: str | Sequence[str], model: Any = None, pretrai
     """Segment `image` into `classes` with `model`; returns a `SegmentResult` (label map at the image's size).
 
     image: a file path, PIL image, NumPy array (H, W[, C]) or tensor (C, H, W) in [0, 1]; EXIF orientation
-        is applied and grey, RGBA, palette, 16-bit and float images are converted (`ovseg.data.read_image`).
+        is applied and grey, RGBA, palette, 16-bit and float images are converted (`ovseg.images.read_image`).
     classes: the class names, as a list or one comma-separated string (`"cat, sofa, wall"`).
     model: a trained checkpoint folder (`config.json` + `model.safetensors`), an open_clip folder
         (`open_clip_config.json`), an open_clip model name such as `"ViT-B-16"` (training-free dense CLIP;

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import TextEncoder, VisualEncoder, _seeded, save_open_clip_dir
+from .encoders import TextEncoder, VisualEncoder, _seeded
+from .openclip import save_open_clip_dir
 from .train import register_arch
 
 # %% auto #0

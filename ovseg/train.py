@@ -21,11 +21,10 @@ from .core import (TrainConfig, atomic_write, atomic_write_text, autocast, pick_
                         pick_dtype, progress, from_dict)
 
 # %% auto #0
-__all__ = ['ARCHS', 'ARCH_MODULES', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed',
-           'EpochSampler', 'register_arch', 'import_arch', 'arch_class', 'build_model', 'trainable_state_dict',
-           'CheckpointError', 'NonFiniteTrainingError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained',
-           'check_encoders', 'from_pretrained', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated',
-           'run_provenance', 'fit']
+__all__ = ['ARCHS', 'lr_at', 'wd_at', 'param_groups', 'group_schedule', 'dist_info', 'init_distributed', 'EpochSampler',
+           'register_arch', 'import_arch', 'arch_class', 'build_model', 'trainable_state_dict', 'CheckpointError',
+           'NonFiniteTrainingError', 'UnknownArchError', 'encoder_hashes', 'save_pretrained', 'check_encoders',
+           'from_pretrained', 'save_checkpoint', 'load_checkpoint', 'run_policy', 'Terminated', 'run_provenance', 'fit']
 
 # %% ../nbs/08_train.ipynb #c5e0abe6
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr: float = 0.0, schedule: str = "cosine") -> float:
@@ -121,13 +120,13 @@ def _loader_like(loader, sampler):
 
 # %% ../nbs/08_train.ipynb #14fdde15
 ARCHS: dict[str, type] = {}
-# archs whose defining module is not `ovseg.<arch>`; from_pretrained imports it on demand
-ARCH_MODULES = {"zsseg": "ovseg.twostage", "fisa": "ovseg.fisa", "toy": "ovseg.testing"}
 
 def register_arch(name: str, cls: type | None = None):
     "Register `cls` under `name` (usable as a decorator); sets `cls.arch = name`; warns when replacing another class."
     def deco(c):
         old = ARCHS.get(name)
+        if old is not None and old.__module__ == "__main__" and old.__qualname__ == c.__qualname__ and c.__module__ != "__main__":
+            c.arch = name; return c   # the running notebook's own definition stays registered when discovery imports its module
         if old is not None and (old.__module__, old.__qualname__) != (c.__module__, c.__qualname__):
             import warnings
             warnings.warn(f"register_arch: {name!r} was {old.__module__}.{old.__qualname__}, now "
@@ -136,19 +135,23 @@ def register_arch(name: str, cls: type | None = None):
     return deco(cls) if cls is not None else deco
 
 def import_arch(arch: str) -> bool:
-    "Import the module that registers `arch` (`ARCH_MODULES`, else `ovseg.<arch>`); True if it is registered."
+    """Import the module that registers `arch`: `ovseg.<arch>` when it exists, else every module that registers
+    something (`ovseg.core.discover`: no list of archs to keep); True if it is registered."""
     import importlib
     if arch in ARCHS: return True
-    mod = ARCH_MODULES.get(arch) or (f"ovseg.{arch}" if isinstance(arch, str) and arch.isidentifier() else None)
+    mod = f"ovseg.{arch}" if isinstance(arch, str) and arch.isidentifier() else None
     if mod:
         try: importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name != mod: raise      # the module exists but one of its own imports is missing: say so
+    if arch not in ARCHS:
+        from ovseg.core import discover
+        discover()
     return arch in ARCHS
 
 def arch_class(arch: str, where: str = "build_model") -> type:
     "The class registered as `arch` (its module imported on demand, `import_arch`); `UnknownArchError` naming `where`."
-    if isinstance(arch, str): import_arch(arch)      # e.g. "zsseg" registers on importing ovseg.twostage
+    if isinstance(arch, str): import_arch(arch)      # e.g. "zsseg" registers on importing ovseg.twostage (found by discover)
     if arch not in ARCHS:
         raise UnknownArchError(f"unknown arch {arch!r} in {where}; registered: {sorted(ARCHS)} "
                                "(import the module that defines it, e.g. ovseg.fusioner)")

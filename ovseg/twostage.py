@@ -21,14 +21,133 @@ from .maskgen import (MLP, HungarianMatcher, MaskProposer, PixelDecoder, SetCrit
 from .train import register_arch
 
 # %% auto #0
-__all__ = ['PAPER_PROMPTS', 'ABLATION_ROWS', 'paper_config', 'ZeroShotTrainView', 'ColorAugSSD', 'ShortSideChoice', 'RandomCrop',
-           'PadTo', 'official_train_transform', 'ResizeImage', 'zero_shot_data', 'PromptLearner', 'PromptSamples',
-           'prompt_lr', 'train_prompts', 'build_zsseg_encoders', 'name_key', 'ZsSeg', 'ensemble_row', 'ablation_scores',
-           'choose_lam']
+__all__ = ['PAPER_PROMPTS', 'ABLATION_ROWS', 'ZsSegConfig', 'ZsSegBenchmark', 'ZsSegSettings', 'check_zsseg', 'paper_config',
+           'ZeroShotTrainView', 'ColorAugSSD', 'ShortSideChoice', 'RandomCrop', 'PadTo', 'official_train_transform',
+           'ResizeImage', 'zero_shot_data', 'PromptLearner', 'PromptSamples', 'prompt_lr', 'train_prompts',
+           'build_zsseg_encoders', 'name_key', 'ZsSeg', 'ensemble_row', 'ablation_scores', 'choose_lam']
+
+# %% ../nbs/10_twostage.ipynb #176f281f
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from .core import ConfigError, TrainConfig, from_dict, register_section
+
+@dataclass
+class ZsSegConfig:
+    "zsseg two-stage model (ovseg.twostage): frozen encoders by spec, proposer sizes, inference settings."
+    backbone: str = "efficientnet-lite0"    # frozen multi-scale visual encoder (paper: timm-features:resnet101d)
+    taps: list[int] = field(default_factory=lambda: [8, 16, 32])  # backbone strides the pixel decoder reads
+    decoder_stride: int = 8                 # tap the transformer decoder reads (paper: 32, res5)
+    clip: str = "embedded-clip"             # frozen CLIP, both towers (paper: open_clip:ViT-B-16)
+    weights: dict[str, str] = field(default_factory=dict)  # spec -> local weights (open_clip: pretrained tag or file)
+    head: Literal["proposals", "per_pixel"] = "proposals"  # two-stage zsseg | the one-stage per-pixel baseline (the paper's ZeroShotPerPixelModel)
+    queries: int = 16                       # Q (paper 100)
+    dim: int = 64                           # decoder width d (paper 256)
+    mask_dim: int = 64                      # mask feature / mask embedding width (paper 256)
+    layers: int = 3                         # decoder layers, each supervised (paper 6)
+    heads: int = 4                          # attention heads (paper 8)
+    ffn: int = 256                          # decoder FFN width (paper 2048)
+    dropout: float = 0.1
+    embed_hidden: int = 128                 # class-embedding MLP hidden width (paper 1024)
+    embed_layers: int = 2                   # class-embedding MLP depth
+    embed_dim: int = 0                      # joint text space width; 0 = the CLIP's (filled in when built)
+    text_width: int = 0                     # CLIP text transformer width (no-object init N(0, width^-0.5)); 0 = filled in
+    logit_scale: float = 100.0              # logits = scale * cos (query head and crops)
+    prompt: Literal["templates", "learned"] = "templates"  # text: template ensemble | CoOp context vectors
+    templates: list[str] | str = "embedded"  # a template set of ovseg.encoders ("embedded": the embedded
+                                            # CLIP's caption phrasing) or a list (one = single template)
+    prompt_context: int = 16                # CoOp: learned context vectors before the class name (official 16, init N(0, 0.02))
+    crop_prompt: Literal["same", "learned"] = "same"  # text of the CLIP crop classifier: the query head's | its own learned
+                                            # context (official VOC: a separate crop adapter with learned prompts)
+    train_backbone: bool = False            # True: the backbone trains (its BatchNorms stay frozen; lr from train.groups, official x0.1)
+    no_object_decay: bool = False           # weight decay on the no-object embedding too (official: yes)
+    seen_names: Literal["by_name", "vocabulary"] = "by_name"  # seen classes at test: any training class name (by_name) |
+                                            # only when the test names are the training vocabulary, else all unseen (official)
+    class_names: list[str] = field(default_factory=list)   # training label space: label k is class_names[k]
+    unseen: list[int] = field(default_factory=list)        # indices of class_names held out in training
+    lam: float = 0.8                        # ensemble weight λ (VOC 0.7); <= 0: CLIP on crops only
+    ensemble: bool = True                   # False: proposal classifier only (official CLIP_ENSEMBLE False)
+    mask_threshold: float = 0.5             # crops: binarise sigmoid(mask) above this
+    crop_expand: float = 1.0                # crops: box expand ratio
+    crop_size: int = 0                      # crops: side in pixels; 0 = the CLIP's input size
+    no_object_weight: float = 0.1           # CE weight of the no-object class
+    class_weight: float = 1.0               # matching cost and loss weights: CE, focal, dice
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+
+@dataclass
+class ZsSegBenchmark:
+    "One real zero-shot setting of zsseg: the dataset (its `unseen` list is the split) and the official schedule."
+    dataset: str = "voc20"                  # ovseg.data.create_dataset name (voc20: background ignored)
+    dataset_kw: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (VOC: mask_dir SegmentationClassAug)
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    lam: float = 0.7                        # official λ of this setting
+    max_steps: int = 20000                  # official iterations ...
+    batch_size: int = 16                    # ... at this batch
+    crop: int = 512                         # training crop
+    short_side: list[int] = field(default_factory=lambda: list(range(320, 961, 64)))  # random short side before the crop
+    test_short_side: int = 512              # evaluation: short side resized to this, whole image
+    max_size: int = 2048                    # long side cap of the training and test resizes (official 2048)
+    names: Literal["raw", "clean"] = "raw"  # class names given to CLIP: the dataset's own (official: pottedplant, tvmonitor) | cleaned
+    augment: Literal["official", "ovseg"] = "official"  # official: short side from `short_side`, crop, SSD colour jitter, flip,
+                                            # pad to `crop` (image 128/255, label 255) | ovseg: ovseg.images.train_transform (continuous scale, pad 0)
+    eval_resolution: Literal["label", "test"] = "label"  # label: the prediction resized to the label's size (official) | test: image and label at test_short_side
+    model: dict[str, Any] = field(default_factory=dict)  # ZsSegConfig fields of this setting over `model` (VOC: its crop prompts)
+    prompt_steps: int = 3200                # learned prompts: iterations (official VOC 3,200, COCO-Stuff 16,000) ...
+    prompt_samples_per_class: int = 128     # ... on this many training images per seen class (VOC 128, COCO-Stuff 32)
+
+@dataclass
+class ZsSegSettings:
+    "The `zsseg` section of params.yaml: the model (`model`, saved with it), its training runs and the experiment grid."
+    model: ZsSegConfig = field(default_factory=lambda: ZsSegConfig())
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
+                                                                   weight_decay_end=1e-4, grad_clip=0.01))  # stage 1 (proposals)
+    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=32, lr=1e-3, weight_decay=1e-4,
+                                                                            weight_decay_end=1e-4, grad_clip=0.01))  # one-stage per-pixel baseline
+    prompt_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3200, batch_size=32, lr=0.02, weight_decay=5e-4,
+                                                                          weight_decay_end=5e-4, warmup_steps=100, grad_clip=0.0))
+                                            # learned prompts (ovseg.twostage.train_prompts): SGD momentum 0.9, cosine, constant
+                                            # warm-up at 0.005 x lr; max_steps: benchmarks.*.prompt_steps on real data
+    benchmark: Literal["world", "real"] = "world"  # world: the embedded world's folds | real: the `benchmarks` below
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    folds: list[int] = field(default_factory=lambda: [0, 1])   # world folds (each: its novel classes unseen)
+    lams: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])  # λ candidates, scored on held-out training images
+    holdout: int = 300                      # world: training images held out of stage-1 training to choose λ; 0: model.lam as given
+    benchmarks: dict[str, ZsSegBenchmark] = field(default_factory=dict)  # real: name -> setting (paper: voc, coco-stuff)
+
+def check_zsseg(s: ZsSegSettings, where: str = "zsseg"):
+    "Range checks of a `zsseg` section (types are checked by `from_dict`)."
+    m = s.model
+    checks = [("model.queries", m.queries >= 1, ">= 1"), ("model.dim", m.dim >= 1 and m.dim % m.heads == 0, f"divisible by model.heads = {m.heads}"),
+              ("model.layers", m.layers >= 1, ">= 1"), ("model.mask_threshold", 0 <= m.mask_threshold < 1, "in [0, 1)"),
+              ("model.lam", m.lam <= 1, "<= 1"), ("model.crop_expand", m.crop_expand > 0, "> 0"),
+              ("model.logit_scale", m.logit_scale > 0, "> 0"), ("train.lr", s.train.lr > 0, "> 0"),
+              ("baseline_train.lr", s.baseline_train.lr > 0, "> 0"), ("holdout", s.holdout >= 0, ">= 0"),
+              ("lams", all(l <= 1 for l in s.lams), "<= 1 each")]
+    checks += [(f"benchmarks.{n}.{k}", ok, need) for n, b in s.benchmarks.items() for k, ok, need in
+               [("lam", b.lam <= 1, "<= 1"), ("max_steps", b.max_steps >= 1, ">= 1"), ("batch_size", b.batch_size >= 1, ">= 1"),
+                ("crop", b.crop >= 1, ">= 1"), ("max_size", b.max_size >= 1, ">= 1"), ("prompt_steps", b.prompt_steps >= 1, ">= 1"),
+                ("prompt_samples_per_class", b.prompt_samples_per_class >= 1, ">= 1"),
+                ("short_side", bool(b.short_side) and min(b.short_side) >= 1, "a non-empty list of sides >= 1")]]
+    checks += [("prompt_train.lr", s.prompt_train.lr > 0, "> 0"), ("model.prompt_context", m.prompt_context >= 1, ">= 1")]
+    known = {f.name for f in dataclasses.fields(ZsSegConfig)}
+    for n, b in s.benchmarks.items():
+        bad = sorted(set(b.model) - known)
+        if bad: raise ConfigError(f"{where}.benchmarks.{n}.model: unknown ZsSegConfig fields {bad}; choose among {sorted(known)}")
+        from_dict(ZsSegConfig, {**dataclasses.asdict(m), **b.model}, f"benchmarks.{n}.model", where)   # the values' types
+    for name, tc in (("train", s.train), ("baseline_train", s.baseline_train)):
+        if m.train_backbone and not any(p.startswith("backbone") for g in tc.groups.values() for p in g.prefixes):
+            raise ConfigError(f"{where}.model.train_backbone = True needs a {name}.groups entry for the backbone (prefixes: "
+                              f"[backbone.], its lr: official 0.1 x the lr); without it the backbone would train at the full lr")
+    for key, ok, need in checks:
+        if not ok:
+            obj = s
+            for part in key.split("."): obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+            raise ConfigError(f"{where}.{key} = {obj!r} must be {need}")
+
+register_section("zsseg", ZsSegSettings, check=check_zsseg)
 
 # %% ../nbs/10_twostage.ipynb #b3960c5c
-from .core import ZsSegBenchmark, ZsSegConfig, ZsSegSettings   # typed settings live in ovseg.core (params.yaml `zsseg`)
-
 PAPER_PROMPTS = {"voc": dict(prompt="templates", crop_prompt="learned"),          # query head: "a sculpture of a {}."
                  "coco-stuff": dict(prompt="learned", crop_prompt="same")}      # one learned prompt for both heads
 
@@ -122,7 +241,7 @@ class ShortSideChoice:
     "Resize image and label so the short side is one of `sides` (drawn uniformly), the long side capped at `max_size`."
     def __init__(self, sides: Sequence[int], max_size: int = 2048): self.sides, self.max_size = list(sides), max_size
     def __call__(self, s):
-        from ovseg.data import Resize
+        from ovseg.images import Resize
         side = self.sides[int(torch.randint(len(self.sides), ()))]
         return Resize(size=_short_side_size(*s["image"].shape[-2:], side, self.max_size))(s)
     def __repr__(self): return f"ShortSideChoice({self.sides}, max_size={self.max_size})"
@@ -154,14 +273,14 @@ class PadTo:
 def official_train_transform(crop: int, short_sides: Sequence[int], max_size: int = 2048):
     """zsseg's training augmentation (`MaskFormerSemanticDatasetMapper`): short side one of `short_sides`, a random
     `crop` window, SSD colour jitter, horizontal flip, then padding to `crop` (image 128/255, label 255)."""
-    from ovseg.data import Compose, RandomHFlip
+    from ovseg.images import Compose, RandomHFlip
     return Compose(ShortSideChoice(short_sides, max_size), RandomCrop(crop), ColorAugSSD(), RandomHFlip(), PadTo(crop))
 
 class ResizeImage:
     "Evaluation: the image resized to short side `short_side` (long side at most `max_size`); the label kept at its own size."
     def __init__(self, short_side: int, max_size: int = 2048): self.short_side, self.max_size = short_side, max_size
     def __call__(self, s):
-        from ovseg.data import Resize
+        from ovseg.images import Resize
         out = dict(s)
         out["image"] = Resize(size=_short_side_size(*s["image"].shape[-2:], self.short_side, self.max_size))({"image": s["image"]})["image"]
         return out
@@ -172,7 +291,8 @@ def zero_shot_data(bench: ZsSegBenchmark, root="data", augment: bool = True):
     left unlabelled dropped; `bench.augment`: the official augmentation or ovseg's), the evaluation split (every class;
     `bench.eval_resolution`: the image resized to the test short side and the label kept at its size, official, or both
     resized), the class names (`bench.names`: the dataset's raw names, official, or cleaned) and the unseen indices."""
-    from ovseg.data import Resize, create_dataset, train_transform
+    from ovseg.images import Resize, train_transform
+    from ovseg.data import create_dataset
     tf = None
     if augment and bench.augment == "official": tf = official_train_transform(bench.crop, bench.short_side, bench.max_size)
     elif augment:
@@ -266,7 +386,7 @@ class PromptSamples(torch.utils.data.Dataset):
                       for j in sorted(torch.randperm(len(present[c]), generator=g)[:per_class].tolist())]
     def __len__(self): return len(self.items)
     def __getitem__(self, j):
-        from ovseg.data import Resize
+        from ovseg.images import Resize
         k, c = self.items[j]
         s = dict(self.view[k])
         on = s["label"] == c
@@ -284,7 +404,7 @@ def train_prompts(model: "ZsSeg", dataset, tcfg, seed: int = 0, num_workers: int
     """Train the crop classifier's learned prompts of `model` on `dataset` (labels index `class_names`, e.g. `PromptSamples`)
     with `model.prompt_loss`: SGD momentum 0.9, `tcfg.lr`, `tcfg.weight_decay`, `tcfg.batch_size`, `tcfg.max_steps`,
     `prompt_lr` with `tcfg.warmup_steps`; then freeze them (as the official `PROMPT_CHECKPOINT` does). Returns the losses."""
-    from ovseg.data import collate
+    from ovseg.images import collate
     learner = model.crop_text_learner
     if learner is None: raise ValueError("the model has no learned prompts (config.prompt / crop_prompt = 'learned')")
     if len(dataset) == 0: raise ValueError("no prompt-training samples: the dataset has no seen-class pixels")
@@ -612,7 +732,7 @@ def ablation_scores(model: ZsSeg, dataset, unseen: Sequence[int], lams: Sequence
     indexing `class_names`, default `dataset.class_names`; 255 ignored), `unseen` class indices. Rows: `ABLATION_ROWS`
     keys and `ensemble_row(λ)` for each of `lams`; `oracles`: which oracle rows to compute; a per-pixel model gives
     only 'per_pixel'."""
-    from ovseg.data import collate
+    from ovseg.images import collate
     from ovseg.maskgen import oracle_classes
     from ovseg.metrics import SemanticMetric
     names = _check_names(list(class_names or dataset.class_names))
@@ -655,3 +775,9 @@ def choose_lam(scores: dict[str, dict[str, float]], lams: Sequence[float], key: 
     missing = [l for l in lams if ensemble_row(l) not in scores]
     if missing: raise ValueError(f"scores have no ensemble rows for λ {missing}; pass the same lams to ablation_scores")
     return max(lams, key=lambda l: (scores[ensemble_row(l)][key], -list(lams).index(l)))
+
+# %% ../nbs/10_twostage.ipynb #9119488f
+from .experiment import GalleryView, register_method
+
+register_method("zsseg", "zsseg", order=20, stages=("zsseg",),
+                gallery=GalleryView("zsseg/runs/zsseg_f{fold}_s{seed}", "semantic_nobg"))

@@ -23,9 +23,10 @@ def main():
     ap.add_argument("--eval-only", default=None, help="a saved zsseg model dir: skip training, score it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from ovseg.core import ClipTrainConfig, TrainConfig, load_config
+    from ovseg.cliptrain import ClipTrainConfig
+    from ovseg.core import TrainConfig, load_config
     from ovseg.cliptrain import train_clip
-    from ovseg.data import collate
+    from ovseg.images import collate
     from ovseg.embedded import World, WorldSemantic
     from ovseg.encoders import create_clip, create_visual_encoder
     from ovseg.maskgen import oracle_classes, oracle_masks
@@ -75,7 +76,7 @@ def main():
 
 def _train(a, model, world, backbone, out):
     from ovseg.core import TrainConfig
-    from ovseg.data import collate
+    from ovseg.images import collate
     from ovseg.embedded import WorldSemantic
     from ovseg.train import fit
     from ovseg.twostage import ZeroShotTrainView

@@ -1,7 +1,8 @@
 import json
 import pytest
 import torch
-from ovseg.core import ClipTrainConfig, WorldConfig
+from ovseg.cliptrain import ClipTrainConfig
+from ovseg.embedded import WorldConfig
 from ovseg.embedded import World
 from ovseg.cliptrain import (clip_model_cfg, create_clip_model, clip_tokenizer, normalize, save_clip,
                              load_clip, train_clip, evaluate_clip, contrastive_loss, dense_embeddings)
@@ -175,7 +176,7 @@ def test_evaluate_reports_crop_accuracy(world):
 def test_load_clip_refuses_a_folder_without_weights(tmp_path):
     "open_clip alone would build random weights for a folder that lost its weights file."
     import pytest
-    from ovseg.core import ClipTrainConfig
+    from ovseg.cliptrain import ClipTrainConfig
     from ovseg.cliptrain import clip_model_cfg, create_clip_model, save_clip, load_clip
     tiny = ClipTrainConfig(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, context_length=24)
     d = save_clip(create_clip_model(clip_model_cfg(tiny)), tmp_path / "clip")

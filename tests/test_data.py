@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 from ovseg import data as D
-from ovseg.data import (DatasetNotFoundError, LabelValueError, collate, create_dataset, list_datasets,
-                        prepare_dataset, sliding_window, tta_predict)
+from ovseg.data import DatasetNotFoundError, LabelValueError, create_dataset, list_datasets
+from ovseg.images import collate
+from ovseg.prepare import prepare_dataset
+from ovseg.windows import sliding_window, tta_predict
 
 torch.set_num_threads(1)
 RNG = np.random.default_rng(0)

@@ -2,7 +2,7 @@ import json
 import pytest, torch, open_clip
 import torch.nn.functional as F
 from ovseg.denseclip import DenseCLIP, dense_clip_tokens
-from ovseg.encoders import OpenClipTextEncoder, interpolate_pos_embed, load_open_clip
+from ovseg.openclip import OpenClipTextEncoder, interpolate_pos_embed, load_open_clip
 from ovseg.testing import TINY_CLIP_CFG, tiny_clip, tiny_clip_dir
 
 torch.set_num_threads(1)

@@ -2,7 +2,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from ovseg.core import WorldConfig, load_config
+from ovseg.embedded import WorldConfig
+from ovseg.core import load_config
 from ovseg.embedded import (World, WorldSemantic, WorldEpisodes, WorldCaptions, WorldMosaic4,
                             save_world, get_world)
 

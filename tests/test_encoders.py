@@ -6,9 +6,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-from ovseg.encoders import (EncoderWeightsError, VisualFeatures, create_clip, create_text_encoder,
-                            create_visual_encoder, list_encoders, register_encoder, save_open_clip_dir,
-                            get_templates, VisualEncoder, _seeded)
+from ovseg.encoders import EncoderWeightsError, VisualFeatures, create_clip, create_text_encoder, create_visual_encoder, list_encoders, register_encoder, VisualEncoder, _seeded
+from ovseg.openclip import save_open_clip_dir
+from ovseg.prompts import get_templates
 from ovseg.testing import tiny_clip, tiny_clip_cfg
 
 TINY_CLIP_CFG = tiny_clip_cfg(image_size=64, patch_size=16)   # 4x4 patches of 16 pixels

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovseg.core import TrainConfig, WorldConfig
+from ovseg.core import TrainConfig
+from ovseg.embedded import WorldConfig
 from ovseg.embedded import World, WorldEpisodes, WorldSemantic
 from ovseg.experiment import (FeatureEpisodes, Task, WithFeatures, check_method, evaluate_episodes, evaluate_semantic,
                               fold_table, mean_over_folds, paper_cell, paper_figure, predict_windows, run_dir_name,

@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ovseg.core import ConfigError, DataConfig, FisaConfig, FisaSettings, TrainConfig, WorldConfig, load_config
-from ovseg.data import collate
+from ovseg.core import ConfigError, DataConfig, TrainConfig, load_config
+from ovseg.fisa import FisaConfig, FisaSettings
+from ovseg.embedded import WorldConfig
+from ovseg.images import collate
 from ovseg.embedded import World, WorldSemantic
 from ovseg.encoders import VisualEncoder, register_encoder
 from ovseg.fisa import (LoRA, SEVE, TRAINABLE, ADE20KPanoptic, COCOPanoptic, Fisa, build_generator, evaluate_panoptic,

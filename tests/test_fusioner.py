@@ -4,9 +4,10 @@ import pytest
 import torch.nn.functional as F
 import torch
 
-from ovseg.core import FusionerConfig, TrainConfig
+from ovseg.fusioner import FusionerConfig
+from ovseg.core import TrainConfig
 from ovseg.testing import HashText, RandomVisual
-from ovseg.data import collate
+from ovseg.images import collate
 from ovseg.experiment import WithFeatures, compute_features, evaluate_episodes, mean_over_folds, predict_windows
 from ovseg.fusioner import Fusioner, FusionHead, binary_episode_loss, multiclass_loss
 from ovseg.train import fit, from_pretrained, save_pretrained
@@ -251,7 +252,8 @@ def test_paper_pairs_honour_encoders_weights(tmp_path):
 
 def test_openai_weights_build_quickgelu_and_explicit_mismatches_are_errors():
     "OpenAI's ViT-L/14 with a GELU name builds the QuickGELU model; a mismatch asked for explicitly is an error."
-    from ovseg.encoders import EncoderWeightsError, resolve_activation
+    from ovseg.encoders import EncoderWeightsError
+    from ovseg.openclip import resolve_activation
     assert resolve_activation("ViT-L-14", "openai")[0] == "ViT-L-14-quickgelu"
     with pytest.raises(EncoderWeightsError, match="force_quick_gelu=False"):
         resolve_activation("ViT-L-14", "openai", {"force_quick_gelu": False})

@@ -197,7 +197,7 @@ def test_10_metrics_refuse_nan_logits_and_fractional_labels():
 
 
 def test_10_images_nan_ambiguous_int_empty_and_32bit(tmp_path):
-    from ovseg.data import ImageError, read_image
+    from ovseg.images import ImageError, read_image
     a = np.random.rand(8, 8, 3).astype(np.float32); a[0, 0, 0] = np.nan
     with pytest.raises(ImageError, match="NaN"): read_image(a)
     with pytest.raises(ImageError, match="ambiguous"): read_image(np.full((8, 8), 300, np.int64))

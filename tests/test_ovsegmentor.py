@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ovseg.core import ConfigError, OVSegmentorConfig, OVSegmentorSettings, TrainConfig, WorldConfig, load_config
+from ovseg.core import ConfigError, TrainConfig, load_config
+from ovseg.ovsegmentor import OVSegmentorConfig, OVSegmentorSettings
+from ovseg.embedded import WorldConfig
 from ovseg.embedded import World, WorldCaptions, WorldSemantic
 from ovseg.ovsegmentor import (CaptionList, CropFlip, EntityCaptions, EntityParser, OVSegmentor, all_gather_grad,
                                build_model, choose_thresholds, info_nce, init_visual, mask_consistency_loss, match_masks,

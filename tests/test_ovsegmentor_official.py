@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg.core import OVSegmentorConfig, load_config
+from ovseg.ovsegmentor import OVSegmentorConfig
+from ovseg.core import load_config
 from ovseg.grouping import GroupViT
 from ovseg.ovsegmentor import MultimodalGroupingBlock, OVSegmentor, _combine, mask_consistency_loss
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from ovseg.data import ImageError, read_image
+from ovseg.images import ImageError, read_image
 from ovseg.metrics import SemanticMetric
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from ovseg.denseclip import DenseCLIP
 from ovseg.testing import HashText, RandomVisual
-from ovseg.data import read_image
+from ovseg.images import read_image
 from ovseg.segment import (SegmentError, load_model, parse_classes, segment, overlay, label_png,
                            save_result, window_starts, _label_stripes)
 import torch.nn.functional as F
@@ -112,7 +112,7 @@ def test_checkpoint_dir_roundtrip(clipdir, tmp_path):
 
 def test_fusioner_checkpoint(tmp_path):
     fz = pytest.importorskip("ovseg.fusioner")
-    from ovseg.core import FusionerConfig
+    from ovseg.fusioner import FusionerConfig
     from ovseg.train import save_pretrained
     import dataclasses
     try:

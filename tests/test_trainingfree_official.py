@@ -7,7 +7,7 @@ import pytest, torch, open_clip
 import torch.nn.functional as F
 from ovseg.denseclip import (DenseCLIP, TrainingFreeConfig, TimmVFM, pamr, training_free_tokens,
                              local_outlier_factor, semantic_feedback)
-from ovseg.encoders import interpolate_pos_embed
+from ovseg.openclip import interpolate_pos_embed
 from ovseg.testing import TINY_CLIP_CFG, tiny_clip, tiny_clip_cfg
 
 torch.set_num_threads(1)

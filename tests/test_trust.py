@@ -57,7 +57,7 @@ def test_1_open_clip_dir_without_weights_is_an_error(clip, tmp_path):
 
 
 def test_1_dense_clip_loader_refuses_a_folder_without_weights(clip):
-    from ovseg.encoders import load_open_clip
+    from ovseg.openclip import load_open_clip
     from ovseg.encoders import EncoderWeightsError
     (clip / "open_clip_model.safetensors").unlink()
     with pytest.raises(EncoderWeightsError, match="open_clip_model.safetensors"):
@@ -66,7 +66,7 @@ def test_1_dense_clip_loader_refuses_a_folder_without_weights(clip):
 
 def _fusioner_ckpt(clip, out):
     import ovseg.fusioner as fz
-    from ovseg.core import FusionerConfig
+    from ovseg.fusioner import FusionerConfig
     cfg = FusionerConfig(visual=f"open_clip:{clip}", text=f"open_clip:{clip}", dim=16, depth=1, heads=2,
                          decoder_channels=[8, 8, 8, 8], max_classes=4)
     torch.manual_seed(0)
@@ -351,7 +351,7 @@ def test_7_fb_iou_with_zero_union_is_nan_like_hsnet():
 
 def test_7_evaluate_episodes_on_images_of_different_sizes():
     import ovseg.fusioner as fz
-    from ovseg.core import FusionerConfig
+    from ovseg.fusioner import FusionerConfig
     class Eps(torch.utils.data.Dataset):
         classes = [0, 1]
         def __len__(self): return 5
@@ -452,7 +452,8 @@ def test_9_label_map_in_the_smallest_dtype():
 
 def _tiny_clip_bytes(threads: int) -> bytes:
     from ovseg.cliptrain import train_clip
-    from ovseg.core import ClipTrainConfig, WorldConfig
+    from ovseg.cliptrain import ClipTrainConfig
+    from ovseg.embedded import WorldConfig
     from ovseg.embedded import World
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ovseg.core import WorldConfig
-from ovseg.data import collate
+from ovseg.embedded import WorldConfig
+from ovseg.images import collate
 from ovseg.embedded import World, WorldSemantic
 from ovseg.encoders import VisualEncoder, register_encoder
 from ovseg.twostage import PromptLearner, ZeroShotTrainView, ZsSeg, ZsSegConfig, paper_config
@@ -318,7 +318,7 @@ def test_zero_shot_data_on_real_layouts(tmp_path):
     "VOC 15/5 and COCO-Stuff 156/15 from fixtures in the real layouts: unseen -> 255, unlabelled images dropped."
     import numpy as np
     from PIL import Image
-    from ovseg.core import ZsSegBenchmark
+    from ovseg.twostage import ZsSegBenchmark
     from ovseg.twostage import zero_shot_data
     def save(path, arr, img=False):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +412,7 @@ def _official_prompt_feature(model, ctx, name, tok, dot_after=True):
 
 def test_learned_prompt_token_layout_matches_the_official_equations():
     import open_clip
-    from ovseg.encoders import OpenClipTextEncoder
+    from ovseg.openclip import OpenClipTextEncoder
     from ovseg.testing import tiny_clip
     clip = tiny_clip()
     tok = open_clip.get_tokenizer("ViT-B-16", context_length=16)
@@ -513,7 +513,8 @@ register_encoder("test-tiny-taps-bn", "visual", lambda ident="", **kw: TinyTapsB
 
 
 def test_trainable_backbone(clipdir, world, tmp_path):
-    from ovseg.core import ConfigError, ParamGroupConfig, TrainConfig, ZsSegSettings, check_zsseg
+    from ovseg.core import ConfigError, ParamGroupConfig, TrainConfig
+    from ovseg.twostage import ZsSegSettings, check_zsseg
     from ovseg.train import from_pretrained, param_groups, save_pretrained
     torch.manual_seed(0)
     model = ZsSeg(_cfg(clipdir, world, backbone="test-tiny-taps-bn", train_backbone=True))
@@ -583,7 +584,7 @@ def test_evaluation_at_the_labels_resolution(clipdir, world):
 
 def test_official_augmentation():
     import colorsys
-    from ovseg.data import train_transform
+    from ovseg.images import train_transform
     from ovseg.twostage import ColorAugSSD, PadTo, ShortSideChoice, _hsv, _rgb, official_train_transform
     g = torch.Generator().manual_seed(0)
     px = torch.rand(3, 5, 7, generator=g)
@@ -612,8 +613,9 @@ def test_paper_recipe_end_to_end_on_a_real_layout(clipdir, tmp_path):
     scoring at the label's own size."""
     import numpy as np
     from PIL import Image
-    from ovseg.core import ParamGroupConfig, TrainConfig, ZsSegBenchmark
-    from ovseg.data import collate
+    from ovseg.core import ParamGroupConfig, TrainConfig
+    from ovseg.twostage import ZsSegBenchmark
+    from ovseg.images import collate
     from ovseg.train import fit
     from ovseg.twostage import PromptSamples, ablation_scores, ensemble_row, train_prompts, zero_shot_data
     voc = tmp_path / "data/VOCdevkit/VOC2012"
@@ -660,7 +662,8 @@ def test_learned_text_cached_until_the_context_changes(clipdir, world):
 
 
 def test_benchmark_model_overrides_are_checked():
-    from ovseg.core import ConfigError, ZsSegBenchmark, ZsSegSettings, check_zsseg
+    from ovseg.core import ConfigError
+    from ovseg.twostage import ZsSegBenchmark, ZsSegSettings, check_zsseg
     with pytest.raises(ConfigError, match="'lerned' is not one of"):
         check_zsseg(ZsSegSettings(benchmarks={"voc": ZsSegBenchmark(model={"prompt": "lerned"})}))
     with pytest.raises(ConfigError, match=r"unknown ZsSegConfig fields \['promt'\]"):
