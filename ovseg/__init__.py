@@ -2,22 +2,27 @@
 
 Entry points, imported on first use: `ovseg.segment(image, classes, model=...)`, `ovseg.load_model`, `ovseg.create_visual_encoder`, `ovseg.create_text_encoder`, `ovseg.create_clip`, `ovseg.list_encoders`, `ovseg.load_config`; the command line is `ovseg` or `python -m ovseg`.
 
-Every module is defined, explained and tested in one notebook: `ovseg.NAME` in `nbs/NN_NAME.ipynb` (each module's header names it: `File to edit`). Topic guides: `docs/datasets.md`, `docs/encoders.md`, `docs/training.md`, `docs/reproduction.md`, `docs/benchmarks.md`.
+Every module is defined, explained and tested in one notebook: `ovseg.NAME` in `nbs/NN_NAME.ipynb` (each module's header names it: `File to edit`). Topic guides: `docs/datasets.md`, `docs/encoders.md`, `docs/training.md`, `docs/reproduction.md`, `docs/benchmarks.md`, `docs/adding-a-method.md` (a new method: one notebook, one stage, one params block).
 
 Modules, in the order data flows:
 
 - `ovseg.compat`: makes torchvision import beside CPU-only torch (no torch import at start-up).
-- `ovseg.core`: typed settings from `params.yaml` (the shared sections; each module registers its own), seeding, devices, atomic writes, progress bars.
+- `ovseg.core`: typed settings from `params.yaml` (the shared sections; each module registers its own, found by `discover`), seeding, devices, atomic writes, progress bars.
 - `ovseg.inputs`: class lists, files, model names and devices checked before torch loads (what the CLI checks first).
 - `ovseg.metrics`: mIoU / FB-IoU / hIoU / PQ as the papers' code computes them.
 - `ovseg.embedded`: the seeded synthetic world of coloured shapes the embedded profile runs on.
-- `ovseg.data`: the benchmarks' datasets in their standard layouts, transforms, sliding windows, preparation.
+- `ovseg.images`: the one image reader, joint image–label transforms, batching.
+- `ovseg.data`: the benchmarks' datasets in their standard layouts and the dataset registry.
+- `ovseg.prepare`: download, verify, unpack and convert the benchmarks.
+- `ovseg.prompts`: prompt templates and the one prompt ensemble (class names become text).
 - `ovseg.realdata`: the real data read in place (CamVid in the SegNet layout with zero-shot folds, Flickr8k captions) for the `real` pipeline.
-- `ovseg.encoders`: frozen visual and text encoders behind one interface (open_clip, timm, transformers), prompt templates, the OpenAI/QuickGELU rule.
+- `ovseg.encoders`: frozen visual and text encoders behind one interface and one registry (timm, transformers, EfficientNet-Lite).
+- `ovseg.openclip`: the open_clip family (pretrained CLIPs, the embedded CLIP), its loader and weight checks (the OpenAI/QuickGELU rule).
 - `ovseg.cliptrain`: the small CLIP the embedded profile trains, since no CLIP weights install offline.
 - `ovseg.cache`: dense features of frozen encoders computed once and reused.
+- `ovseg.windows`: sliding-window and test-time-augmented inference.
 - `ovseg.train`: the one training loop (AdamW, schedules, bf16, exact resume), checkpoints and the arch registry.
-- `ovseg.experiment`: the method contract, episode and semantic evaluation, runs over folds x seeds, tables.
+- `ovseg.experiment`: the method contract, what the gallery and summary know of each method (`register_method`), episode and semantic evaluation, runs over folds x seeds, tables.
 - `ovseg.fusioner`: Fusioner (Ma et al., BMVC 2022).
 - `ovseg.maskgen`: class-agnostic mask proposals, Hungarian matching, set losses, masked crops.
 - `ovseg.twostage`: the two-stage zsseg baseline (Xu et al., ECCV 2022).

@@ -108,6 +108,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'ovseg.core.autocast': ('core.html#autocast', 'ovseg/core.py'),
                             'ovseg.core.check_ranges': ('core.html#check_ranges', 'ovseg/core.py'),
                             'ovseg.core.check_values': ('core.html#check_values', 'ovseg/core.py'),
+                            'ovseg.core.declared': ('core.html#declared', 'ovseg/core.py'),
                             'ovseg.core.discover': ('core.html#discover', 'ovseg/core.py'),
                             'ovseg.core.from_dict': ('core.html#from_dict', 'ovseg/core.py'),
                             'ovseg.core.load_config': ('core.html#load_config', 'ovseg/core.py'),

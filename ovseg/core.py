@@ -17,9 +17,9 @@ import yaml
 # %% auto #0
 __all__ = ['GE0', 'GE1', 'POS', 'UNIT', 'BETA', 'RANGES', 'SHARED', 'SECTIONS', 'ConfigError', 'RuntimeConfig', 'PathsConfig',
            'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'Config', 'from_dict', 'check_values',
-           'check_ranges', 'Section', 'register_section', 'discover', 'sections', 'profile_class', 'read_yaml',
-           'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast', 'setup_runtime',
-           'progress', 'atomic_write', 'atomic_write_text']
+           'check_ranges', 'Section', 'register_section', 'declared', 'discover', 'sections', 'profile_class',
+           'read_yaml', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast',
+           'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -276,6 +276,19 @@ def _registering_modules() -> list[str]:
     mods += [ep.value for ep in entry_points(group="ovseg.methods")]
     mods += [n.strip() for n in os.environ.get("OVSEG_METHODS", "").split(",") if n.strip()]
     return mods
+
+def declared(kind: str) -> dict[str, str]:
+    """Names registered with `register_<kind>("name", ...)` at the top level of a registering module, read from its
+    source without importing it: name -> module (so a name is known before its module is imported)."""
+    import importlib.util
+    pat = re.compile(rf'^@?register_{kind}\((\s*"[^"]+"(?:\s*,\s*"[^"]+")*)', re.M)
+    out = {}
+    for mod in _registering_modules():
+        spec = importlib.util.find_spec(mod)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"): continue
+        for m in pat.finditer(Path(spec.origin).read_text(encoding="utf-8")):
+            for name in re.findall(r'"([^"]+)"', m.group(1)): out.setdefault(name, mod)
+    return out
 
 def discover() -> list[str]:
     "Import every module that registers a section, method or arch (see above); returns their names. Cheap when repeated."

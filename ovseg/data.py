@@ -480,14 +480,19 @@ class Mosaic4(torch.utils.data.Dataset):
 # %% ../nbs/04_data.ipynb #bbfa9dbc
 def list_datasets() -> list[str]:
     """Names accepted by `create_dataset`: also the datasets defined beside the method or data they belong to
-    (`coco_panoptic` in `ovseg.fisa`, `camvid` in `ovseg.realdata`, ...), found by `ovseg.core.discover`."""
-    from ovseg.core import discover
-    discover()
-    return sorted(DATASETS)
+    (`coco_panoptic` in `ovseg.fisa`, `camvid` in `ovseg.realdata`, ...), read from their modules' sources
+    (`ovseg.core.declared`) without importing them."""
+    from ovseg.core import declared
+    return sorted(set(DATASETS) | set(declared("dataset")))
 
 def create_dataset(name: str, root="data", split: str = "val", **kw):
     "Build dataset `name` from the data folder `root` (`cfg.params.paths.data`); `kw` go to its class."
-    if name not in DATASETS: list_datasets()   # imports the modules that register datasets
+    if name not in DATASETS:   # import the module that registers it (found by `ovseg.core.declared`, else `discover`)
+        import importlib
+        from ovseg.core import declared, discover
+        mod = declared("dataset").get(name)
+        if mod: importlib.import_module(mod)
+        else: discover()
     if name not in DATASETS: raise KeyError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
     cls = DATASETS[name]
     if cls is VOCSemantic: kw.setdefault("num_classes", int(name[3:]))

@@ -124,7 +124,8 @@ def context_fixture(root):
 
 def test_pascal_context_59_and_459_via_prepare_convert(tmp_path):
     d = context_fixture(tmp_path)
-    D._convert_pc59(tmp_path)          # the conversion step of prepare_dataset('pc59')
+    import ovseg.prepare as P
+    P._convert_pc59(tmp_path)          # the conversion step of prepare_dataset('pc59')
     assert (d / "ImageSets/SegmentationContext/val.txt").read_text() == "2008_000002\n"   # 000003 has no labels
     p59 = create_dataset("pc59", tmp_path, "val")
     assert p59.num_classes == 59 and len(p59) == 1
