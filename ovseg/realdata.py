@@ -257,9 +257,8 @@ def segment_features(dense: torch.Tensor, labels: torch.Tensor, num_classes: int
     frac = F.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2).float(), (h, w))      # (B, K, h, w)
     present = onehot.flatten(1, 2).any(1)                                           # (B, K)
     b, c = torch.nonzero(present, as_tuple=True)
-    wgt = frac[b, c]                                                                # (S, h, w)
-    feats = torch.einsum("shw,sdhw->sd", wgt, dense[b].float()) / wgt.sum((1, 2)).clamp_min(1e-12)[:, None]
-    return feats, c, b
+    pooled = torch.einsum("bkhw,bdhw->bkd", frac, dense.float()) / frac.sum((2, 3)).clamp_min(1e-12)[..., None]   # (B, K, D)
+    return pooled[b, c], c, b
 
 # %% ../nbs/04b_realdata.ipynb #57ce753e
 @torch.no_grad()

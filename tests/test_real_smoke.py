@@ -104,3 +104,25 @@ def test_ovsegmentor_one_step_on_flickr8k_captions(tmp_path):
                           align_corners=False).clamp(0, 1)
     logits = model.predict(frame, CamVid.class_names)
     assert logits.shape == (1, 11, 64, 85) and torch.isfinite(logits).all()
+
+
+def test_documented_real_photo_example(tmp_path, capsys):
+    "docs/real.md's offline real-photo command, run as written on the CamVid Fusioner run (when the real pipeline has made it)."
+    import json, re, shlex
+    from pathlib import Path
+    from ovseg.cli import main
+    root = Path(__file__).resolve().parents[1]
+    model = root / "outputs/real_fusioner/model_fold2"
+    if not (model / "config.json").is_file(): pytest.skip("outputs/real_fusioner/model_fold2 not made yet (make repro-real)")
+    cmd = re.search(r"^ovseg segment (\S+) (.*)$", (root / "docs/real.md").read_text(), re.M)
+    assert cmd, "docs/real.md lost its `ovseg segment` example"
+    args = shlex.split(cmd.group(2))
+    frame = CAMVID / "test" / Path(cmd.group(1)).name                   # the shared copy, wherever this checkout is
+    args[args.index("--model") + 1] = str(model)
+    args[args.index("--out") + 1] = str(tmp_path / "seg")
+    main(["segment", str(frame), *args])
+    areas = json.loads(next((tmp_path / "seg").glob("*_areas.json")).read_text())
+    names = [n.strip() for n in args[args.index("--classes") + 1].split(",")]
+    assert len(next((tmp_path / "seg").glob("*_overlay.png")).read_bytes()) > 1000
+    assert set(areas["areas"]) == set(names) and abs(sum(a["fraction"] for a in areas["areas"].values()) - 1) < 1e-6
+    assert areas["size"] == [360, 480]
