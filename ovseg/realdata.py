@@ -252,12 +252,14 @@ def segment_features(dense: torch.Tensor, labels: torch.Tensor, num_classes: int
     segment per class present in a frame, each cell weighted by the share of its pixels the segment covers.
     Returns (features (S, D), class ids (S,), frame index (S,))."""
     B, D, h, w = dense.shape
-    lab = labels.long()
-    onehot = F.one_hot(torch.where(lab == 255, num_classes, lab), num_classes + 1)[..., :num_classes]
-    frac = F.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2).float(), (h, w))      # (B, K, h, w)
-    present = onehot.flatten(1, 2).any(1)                                           # (B, K)
+    pooled, present = [], []
+    for i in range(B):          # one frame at a time: a (B, K, H, W) one-hot of 233 CamVid frames would take 4 GB
+        m = (labels[i].long()[None] == torch.arange(num_classes)[:, None, None]).float()        # (K, H, W); void: no class
+        frac = F.adaptive_avg_pool2d(m[None], (h, w))[0]                                       # (K, h, w)
+        pooled.append(torch.einsum("khw,dhw->kd", frac, dense[i].float()) / frac.sum((1, 2)).clamp_min(1e-12)[:, None])
+        present.append(m.flatten(1).any(1))
+    pooled, present = torch.stack(pooled), torch.stack(present)                                  # (B, K, D), (B, K)
     b, c = torch.nonzero(present, as_tuple=True)
-    pooled = torch.einsum("bkhw,bdhw->bkd", frac, dense.float()) / frac.sum((2, 3)).clamp_min(1e-12)[..., None]   # (B, K, D)
     return pooled[b, c], c, b
 
 # %% ../nbs/04b_realdata.ipynb #57ce753e
