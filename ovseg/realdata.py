@@ -20,7 +20,8 @@ from .images import load_image
 
 # %% auto #0
 __all__ = ['CAMVID_RAW', 'CAMVID_THINGS', 'CAMVID_FOLDS', 'find_data', 'camvid_fold_classes', 'CamVid', 'CamVidFeatures',
-           'CamVidEpisodes', 'flickr8k_captions', 'camvid_semantic', 'camvid_floors', 'CamVidFusioner']
+           'CamVidEpisodes', 'flickr8k_captions', 'LockedPairs', 'LiT', 'retrieval_recall', 'retrieval_chance',
+           'segment_features', 'camvid_semantic', 'camvid_floors', 'CamVidFusioner']
 
 # %% ../nbs/04b_realdata.ipynb #050d9764
 def _shared_roots() -> list[Path]:
@@ -171,6 +172,95 @@ def flickr8k_captions(root=None, split: str = "train", n_train: int = 800, size:
     cl.files, cl.captions = [r[0] for r in rows], [r[1] for r in rows]
     cl.images = [f for f in images if f in keep]
     return cl
+
+# %% ../nbs/04b_realdata.ipynb #cf2eba42
+class LockedPairs(torch.utils.data.Dataset):
+    """Frozen image features (N, Dv) with their captions' frozen embeddings (M, Dt); `caption_image` (M,) names
+    each caption's image. Item k: dict(image=image k's feature, text=one of its captions' embeddings, drawn
+    at each access with torch's RNG, which `ovseg.train.fit` seeds)."""
+    def __init__(self, image_feats: torch.Tensor, caption_feats: torch.Tensor, caption_image):
+        self.image_feats, self.caption_feats = image_feats.float(), caption_feats.float()
+        ci = torch.as_tensor(caption_image, dtype=torch.long)
+        if len(ci) != len(self.caption_feats):
+            raise ValueError(f"caption_image has {len(ci)} entries for {len(self.caption_feats)} caption embeddings")
+        self.by_image = [torch.nonzero(ci == i).flatten() for i in range(len(self.image_feats))]
+        lonely = [i for i, c in enumerate(self.by_image) if len(c) == 0]
+        if lonely: raise ValueError(f"{len(lonely)} images have no caption (e.g. image {lonely[0]}); give every image one")
+    def __len__(self): return len(self.image_feats)
+    def __getitem__(self, k):
+        c = self.by_image[k]
+        return {"image": self.image_feats[k], "text": self.caption_feats[c[int(torch.randint(len(c), ()))]]}
+
+class LiT(nn.Module):
+    """A LiT-style image–text model on two locked (frozen) encoders: a linear projection of the visual
+    encoder's pooled feature and one of the text encoder's sentence embedding into a shared `embed_dim`
+    space, and CLIP's learned temperature; trained with CLIP's symmetric InfoNCE by `ovseg.train.fit`."""
+    no_decay = ("logit_scale",)
+    def __init__(self, visual_dim: int, text_dim: int, embed_dim: int = 256, logit_scale_init: float = 1 / 0.07):
+        super().__init__()
+        import math
+        self.img_proj, self.txt_proj = nn.Linear(visual_dim, embed_dim), nn.Linear(text_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+    def encode_image(self, feats: torch.Tensor) -> torch.Tensor:
+        "(..., Dv) frozen visual features -> (..., E) L2-normalised embeddings."
+        return F.normalize(self.img_proj(feats.float()), dim=-1)
+    def encode_text(self, feats: torch.Tensor) -> torch.Tensor:
+        "(..., Dt) frozen text embeddings -> (..., E) L2-normalised embeddings."
+        return F.normalize(self.txt_proj(feats.float()), dim=-1)
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        from ovseg.cliptrain import contrastive_loss
+        return contrastive_loss(self.encode_image(batch["image"]), self.encode_text(batch["text"]), self.logit_scale.exp())
+    def on_step(self, step: int):
+        "After every optimiser step (`fit`): the logit scale stays in [0, log 100], CLIP's clamp."
+        import math
+        self.logit_scale.clamp_(0, math.log(100))
+    @torch.no_grad()
+    def class_embeddings(self, text_encoder, class_names: Sequence[str], templates="fusioner") -> torch.Tensor:
+        "(K, E) class embeddings: every template through the frozen text encoder and the projection, averaged (`prompt_ensemble`)."
+        from ovseg.prompts import prompt_ensemble
+        dev = self.txt_proj.weight.device
+        return prompt_ensemble(lambda texts: self.encode_text(text_encoder.encode(texts).to(dev)), class_names, templates)
+
+@torch.no_grad()
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image, ks=(1, 5, 10)) -> dict:
+    """Recall@k in % of L2-normalised embeddings: image→text (any of the image's captions in its top k) and
+    text→image (the caption's image in its top k); `caption_image` (M,) names each caption's image."""
+    ci = torch.as_tensor(caption_image, dtype=torch.long)
+    sim = image_emb.float() @ text_emb.float().T                       # (N, M)
+    out = {}
+    for k in ks:
+        top = sim.topk(min(k, sim.shape[1]), dim=1).indices             # (N, k) captions
+        out[f"i2t_R@{k}"] = 100 * float((ci[top] == torch.arange(len(sim))[:, None]).any(1).float().mean())
+        top = sim.T.topk(min(k, sim.shape[0]), dim=1).indices           # (M, k) images
+        out[f"t2i_R@{k}"] = 100 * float((top == ci[:, None]).any(1).float().mean())
+    return out
+
+def retrieval_chance(n_images: int, captions_per_image: int = 5, ks=(1, 5, 10)) -> dict:
+    """Recall@k in % of a random ranking: text→image k / n_images; image→text 1 - C(M - c, k) / C(M, k) with
+    M = n_images * c captions of which c are the image's own."""
+    from math import comb
+    M, c = n_images * captions_per_image, captions_per_image
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100 * (1 - comb(M - c, k) / comb(M, k))
+        out[f"t2i_R@{k}"] = 100 * min(k, n_images) / n_images
+    return out
+
+@torch.no_grad()
+def segment_features(dense: torch.Tensor, labels: torch.Tensor, num_classes: int = 11) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool dense features (B, D, h, w) inside every ground-truth segment of `labels` (B, H, W; 255 void): one
+    segment per class present in a frame, each cell weighted by the share of its pixels the segment covers.
+    Returns (features (S, D), class ids (S,), frame index (S,))."""
+    B, D, h, w = dense.shape
+    pooled, present = [], []
+    for i in range(B):          # one frame at a time: a (B, K, H, W) one-hot of 233 CamVid frames would take 4 GB
+        m = (labels[i].long()[None] == torch.arange(num_classes)[:, None, None]).float()        # (K, H, W); void: no class
+        frac = F.adaptive_avg_pool2d(m[None], (h, w))[0]                                       # (K, h, w)
+        pooled.append(torch.einsum("khw,dhw->kd", frac, dense[i].float()) / frac.sum((1, 2)).clamp_min(1e-12)[:, None])
+        present.append(m.flatten(1).any(1))
+    pooled, present = torch.stack(pooled), torch.stack(present)                                  # (B, K, D), (B, K)
+    b, c = torch.nonzero(present, as_tuple=True)
+    return pooled[b, c], c, b
 
 # %% ../nbs/04b_realdata.ipynb #57ce753e
 @torch.no_grad()

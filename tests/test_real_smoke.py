@@ -37,3 +37,92 @@ def test_fusioner_one_step_on_camvid(tmp_path):
     r = segment(str(img), ["road", "car", "tree", "sky", "building", "pedestrian"], model=str(tmp_path / "run" / "model"),
                 short_side=64, window=96, stride=96)
     assert r.size == (360, 480) and int(r.label.max()) < 6
+
+
+FLICKR = find_data("flickr8k_1k", required=False)
+needs_flickr = pytest.mark.skipif(FLICKR is None, reason="no Flickr8k copy: set OVSEG_SHARED_DATA or put it in ../shared/data/flickr8k_1k")
+
+
+@needs_flickr
+def test_lit_one_step_on_flickr8k_and_camvid_segments(tmp_path):
+    "The real_lit stage in miniature: frozen Lite0 + MiniLM features, one LiT step, retrieval and CamVid segment zero-shot."
+    import torch.nn.functional as F
+    from ovseg.images import load_image
+    from ovseg.encoders import create_text_encoder, create_visual_encoder
+    from ovseg.realdata import LiT, LockedPairs, flickr8k_captions, retrieval_chance, retrieval_recall, segment_features
+    from ovseg.train import fit
+    torch.set_num_threads(1)
+    enc = load_config("params.yaml", "real").params.encoders
+    vis, txt = create_visual_encoder(enc.visual, stride=32), create_text_encoder(enc.text)
+    fl = flickr8k_captions(split="test", size=96)
+    photos = fl.images[:6]
+    caps = [(photos.index(f), c) for f, c in zip(fl.files, fl.captions) if f in photos]
+    img = torch.stack([F.interpolate(load_image(fl.root / f)[None], size=(96, 96), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+                       for f in photos])
+    with torch.no_grad(): ifeat, tfeat = vis(img).global_, txt.encode([c for _, c in caps])
+    ci = torch.tensor([i for i, _ in caps])
+    assert ifeat.shape == (6, 1280) and tfeat.shape == (30, 384)
+    lit = LiT(1280, 384, embed_dim=32)
+    w0 = lit.img_proj.weight.detach().clone()
+    fit(lit, torch.utils.data.DataLoader(LockedPairs(ifeat, tfeat, ci), batch_size=6),
+        TrainConfig(max_steps=1, batch_size=6, device="cpu", log_every=1), tmp_path / "lit")
+    assert not torch.equal(w0, lit.img_proj.weight)                            # the projection trained
+    r = retrieval_recall(lit.encode_image(ifeat), lit.encode_text(tfeat), ci)
+    assert set(r) == set(retrieval_chance(6)) and all(0 <= v <= 100 for v in r.values())
+    cv = CamVid(CAMVID.parent, "test")
+    frames = torch.stack([F.interpolate(load_image(p, exif=False)[None], size=(64, 96), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+                          for p, _, _ in cv.items[:2]])
+    labels = torch.stack([cv._label(m, cv.lut) for _, m, _ in cv.items[:2]])
+    with torch.no_grad(): dense = vis(frames).dense
+    feats, cls, frame = segment_features(dense, labels)
+    assert len(cls) == sum(len(set(l.unique().tolist()) - {255}) for l in labels) and feats.shape[1] == 1280
+    pred = (lit.encode_image(feats) @ lit.class_embeddings(txt, CamVid.class_names, enc.templates).T).argmax(1)
+    assert pred.shape == cls.shape and int(pred.max()) < 11
+
+
+@needs_flickr
+def test_ovsegmentor_one_step_on_flickr8k_captions(tmp_path):
+    "The real_ovsegmentor stage in miniature: the real profile's OVSegmentor, one caption-only step, labels for a CamVid frame."
+    import dataclasses as dc
+    import torch.nn.functional as F
+    from ovseg.images import load_image
+    from ovseg.ovsegmentor import EntityCaptions, build_model, train_stage
+    from ovseg.realdata import flickr8k_captions
+    torch.set_num_threads(1)
+    S = load_config("params.yaml", "real").params.ovsegmentor
+    cl = flickr8k_captions(split="train", size=72)
+    keep = set(cl.images[:4])
+    rows = [(f, c) for f, c in zip(cl.files, cl.captions) if f in keep]
+    cl.files, cl.captions = [r[0] for r in rows], [r[1] for r in rows]
+    data = EntityCaptions(cl, S.model.vocabulary, partners=S.partners, captions=cl.captions)
+    model = build_model(S, "mec", vocabulary=S.model.vocabulary)
+    w0 = [q.detach().clone() for q in model.visual.parameters()]
+    train_stage(model, data, dc.replace(S.stage1, max_steps=1, batch_size=4, device="cpu", precision="fp32", log_every=1), tmp_path / "ovs")
+    assert (tmp_path / "ovs" / "train_log.tsv").is_file()
+    assert any(not torch.equal(a, b) for a, b in zip(w0, model.visual.parameters()))   # the GroupViT trained
+    frame = F.interpolate(load_image(CamVid(CAMVID.parent, "test").items[0][0], exif=False)[None], size=(64, 85), mode="bilinear",
+                          align_corners=False).clamp(0, 1)
+    logits = model.predict(frame, CamVid.class_names)
+    assert logits.shape == (1, 11, 64, 85) and torch.isfinite(logits).all()
+
+
+def test_documented_real_photo_example(tmp_path, capsys):
+    "docs/real.md's offline real-photo command, run as written on the CamVid Fusioner run (when the real pipeline has made it)."
+    import json, re, shlex
+    from pathlib import Path
+    from ovseg.cli import main
+    root = Path(__file__).resolve().parents[1]
+    model = root / "outputs/real_fusioner/model_fold2"
+    if not (model / "config.json").is_file(): pytest.skip("outputs/real_fusioner/model_fold2 not made yet (make repro-real)")
+    cmd = re.search(r"^ovseg segment (\S+) (.*)$", (root / "docs/real.md").read_text(), re.M)
+    assert cmd, "docs/real.md lost its `ovseg segment` example"
+    args = shlex.split(cmd.group(2))
+    frame = CAMVID / "test" / Path(cmd.group(1)).name                   # the shared copy, wherever this checkout is
+    args[args.index("--model") + 1] = str(model)
+    args[args.index("--out") + 1] = str(tmp_path / "seg")
+    main(["segment", str(frame), *args])
+    areas = json.loads(next((tmp_path / "seg").glob("*_areas.json")).read_text())
+    names = [n.strip() for n in args[args.index("--classes") + 1].split(",")]
+    assert len(next((tmp_path / "seg").glob("*_overlay.png")).read_bytes()) > 1000
+    assert set(areas["areas"]) == set(names) and abs(sum(a["fraction"] for a in areas["areas"].values()) - 1) < 1e-6
+    assert areas["size"] == [360, 480]
