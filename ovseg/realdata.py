@@ -21,7 +21,7 @@ from .images import load_image
 # %% auto #0
 __all__ = ['CAMVID_RAW', 'CAMVID_THINGS', 'CAMVID_FOLDS', 'find_data', 'camvid_fold_classes', 'CamVid', 'CamVidFeatures',
            'CamVidEpisodes', 'flickr8k_captions', 'LockedPairs', 'LiT', 'retrieval_recall', 'retrieval_chance',
-           'segment_features', 'camvid_semantic', 'camvid_floors', 'CamVidFusioner']
+           'segment_features', 'LiTVisual', 'LiTText', 'camvid_semantic', 'camvid_floors', 'CamVidFusioner']
 
 # %% ../nbs/04b_realdata.ipynb #050d9764
 def _shared_roots() -> list[Path]:
@@ -261,6 +261,60 @@ def segment_features(dense: torch.Tensor, labels: torch.Tensor, num_classes: int
     pooled, present = torch.stack(pooled), torch.stack(present)                                  # (B, K, D), (B, K)
     b, c = torch.nonzero(present, as_tuple=True)
     return pooled[b, c], c, b
+
+# %% ../nbs/04b_realdata.ipynb #914e11af
+from .encoders import TextEncoder, VisualEncoder, create_text_encoder, create_visual_encoder, register_encoder
+
+class LiTVisual(VisualEncoder):
+    "The image tower of a trained `LiT`: `visual`'s stride-32 map and pooled feature through the image projection."
+    def __init__(self, visual: VisualEncoder, proj: nn.Linear, name: str = "lit"):
+        super().__init__()
+        self.visual, self.proj, self.name = visual, proj, name
+        self.mean, self.std, self.pad_to, self.stride, self.dim = visual.mean, visual.std, visual.pad_to, visual.stride, proj.out_features
+        self.freeze()
+    def _forward(self, x):
+        dense, glob, _ = self.visual._forward(x)
+        dense = F.normalize(self.proj(dense.float().permute(0, 2, 3, 1)), dim=-1).permute(0, 3, 1, 2)
+        return dense, F.normalize(self.proj(glob.float()), dim=-1), None
+
+class LiTText(TextEncoder):
+    "The text tower of a trained `LiT`: `text`'s (normalised) sentence embedding through the text projection."
+    def __init__(self, text: TextEncoder, proj: nn.Linear, name: str = "lit"):
+        super().__init__()
+        self.text, self.proj, self.name, self.dim = text, proj, name, proj.out_features
+        self.freeze()
+    def _encode(self, texts):
+        return self.proj(F.normalize(self.text._encode(texts).float(), dim=-1))
+
+def _lit_file(ident: str) -> tuple[Path, Path]:
+    p = Path(ident)
+    if p.suffix != ".safetensors": p = p.with_name(p.name + ".safetensors")
+    j = p.with_suffix(".json")
+    for f in (p, j):
+        if not f.is_file():
+            raise FileNotFoundError(f"lit:{ident}: {f} not found; a trained LiT is <name>.safetensors with <name>.json beside it "
+                                    "(the real_lit stage writes outputs/real_lit/lit_seed0.*: run `dvc repro -s real/dvc.yaml:real_lit`)")
+    return p, j
+
+@register_encoder("lit:", "clip", description="a trained LiT (ovseg.realdata.LiT): lit:<file>.safetensors with its .json beside it")
+def _lit(ident: str = "", tower: str = "both", weights=None, random_init: bool = False, encoder_weights: dict | None = None, **kw):
+    "Both towers of a trained LiT (`tower`: 'visual', 'text' or 'both'); `encoder_weights`: spec -> local weights of its frozen encoders."
+    import json
+    from safetensors.torch import load_file
+    if random_init: raise ValueError("lit: is a trained model; it has no random version (drop the 'random:' prefix)")
+    p, j = _lit_file(weights or ident)
+    meta, sd = json.loads(j.read_text()), load_file(str(p))
+    ew = dict(encoder_weights or {})
+    opt = lambda spec: {"weights": ew[spec]} if spec in ew else {}
+    lit = LiT(int(meta["visual_dim"]), int(meta["text_dim"]), int(meta["embed_dim"]))
+    lit.load_state_dict(sd)
+    name = f"lit({p.stem})"
+    vis = lambda: LiTVisual(create_visual_encoder(meta["visual"], stride=32, **opt(meta["visual"])), lit.img_proj, name)
+    txt = lambda: LiTText(create_text_encoder(meta["text"], **opt(meta["text"])), lit.txt_proj, name)
+    if tower == "visual": return vis()
+    if tower == "text": return txt()
+    return vis(), txt()
+
 
 # %% ../nbs/04b_realdata.ipynb #57ce753e
 @torch.no_grad()

@@ -126,3 +126,49 @@ def test_documented_real_photo_example(tmp_path, capsys):
     assert len(next((tmp_path / "seg").glob("*_overlay.png")).read_bytes()) > 1000
     assert set(areas["areas"]) == set(names) and abs(sum(a["fraction"] for a in areas["areas"].values()) - 1) < 1e-6
     assert areas["size"] == [360, 480]
+
+
+def test_twostage_and_one_stage_one_step_on_camvid(tmp_path):
+    "The real_twostage stage in miniature: a LiT (untrained projections) as ZsSeg's clip, one step of each head, every row scored."
+    import json
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from ovseg.encoders import create_clip, create_visual_encoder
+    from ovseg.images import load_image
+    from ovseg.realdata import LiT
+    from ovseg.train import fit
+    from ovseg.twostage import ZsSeg, ablation_scores, ensemble_row
+    torch.set_num_threads(1)
+    zs = load_config("params.yaml", "real").params.zsseg
+    assert zs.model.clip.startswith("lit:")                                      # the stage's classifier is the trained LiT
+    torch.manual_seed(0)
+    save_file(LiT(1280, 384, 32).state_dict(), str(tmp_path / "lit.safetensors"))
+    (tmp_path / "lit.json").write_text(json.dumps({"visual": "efficientnet-lite0", "text": "minilm", "visual_dim": 1280,
+                                                   "text_dim": 384, "embed_dim": 32}))
+    clip = create_clip(f"lit:{tmp_path / 'lit.safetensors'}")
+    backbone = create_visual_encoder(zs.model.backbone, taps=tuple(zs.model.taps))
+    unseen = camvid_fold_classes(0)
+    def frames(split, n, fold=None):
+        cv = CamVid(CAMVID.parent, split, fold=fold, novel="ignore" if fold is not None else "keep")
+        out = []
+        for p, m, _ in cv.items[:n]:
+            img = F.interpolate(load_image(p, exif=False)[None], size=(64, 96), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+            lab = F.interpolate(cv._label(m, cv.lut)[None, None].float(), size=(64, 96), mode="nearest-exact")[0, 0].long()
+            out.append({"image": img, "label": lab})
+        return out
+    train, test = frames("train", 2, fold=0), frames("test", 2)
+    assert all(not torch.isin(s["label"], torch.tensor(unseen)).any() for s in train)   # no unseen pixel trains
+    scores = {}
+    for head in ("per_pixel", "proposals"):
+        mc = dataclasses.replace(zs.model, clip=f"lit:{tmp_path / 'lit.safetensors'}", head=head, queries=4, dim=16, mask_dim=16,
+                                 layers=1, ffn=32, embed_hidden=16, crop_size=32, class_names=list(CamVid.class_names), unseen=unseen)
+        model = ZsSeg(mc, backbone=backbone, clip=clip)
+        assert model.config.embed_dim == 32                                      # the LiT's joint space
+        w0 = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        from ovseg.images import collate
+        fit(model, torch.utils.data.DataLoader(train, batch_size=2, collate_fn=collate),
+            TrainConfig(max_steps=1, batch_size=2, device="cpu", log_every=1), tmp_path / head)
+        assert any(not torch.equal(a, b) for a, b in zip(w0, [p for p in model.parameters() if p.requires_grad]))
+        scores.update(ablation_scores(model.eval(), test, unseen, [0.5], list(CamVid.class_names), batch_size=2))
+    assert set(scores) == {"per_pixel", "proposals", "clip", ensemble_row(0.5), "oracle_masks", "oracle_classes"}
+    assert all(0 <= v <= 100 for r in scores.values() for v in r.values())
