@@ -31,20 +31,12 @@ def smoke_params(weights: dict[str, str]) -> dict:
     over = yaml.safe_load((ROOT / "paper" / "smoke.yaml").read_text())
     p = merge(raw["profiles"]["paper"], over)
     p["paths"] = {"data": "data", "outputs": "outputs", "weights": "weights"}
-    p["encoders"]["weights"] = dict(weights)
-    p["encoders"]["cache_dir"] = "outputs/feature_cache"
-    p["zsseg"]["model"]["weights"] = {k: v for k, v in weights.items() if k.startswith("open_clip:ViT-B-16")}
-    p["fisa"]["generator"] = {**p["fisa"].get("generator", {}), "weights": {k: v for k, v in weights.items()
-                                                                           if k in ("open_clip:ViT-B-16-quickgelu", "timm-features:resnet101d")}}
-    p["fisa"]["generator_dir"] = "outputs/paper/fisa/generator/coco"
-    p["segment"]["pretrained"] = weights["open_clip:ViT-B-16-quickgelu"]
-    p["ovsegmentor"]["init"] = weights["dino-vitb16"]
-    p["ovsegmentor"]["captions"] = "cc12m/captions.tsv"        # relative to paths.data
-    p["ovsegmentor"]["images_root"] = "cc12m"
+    p["encoders"]["weights"] = {**p["encoders"].get("weights", {}), **weights}   # the same paths params.yaml names
     raw["profile"], raw["profiles"] = "paper", {"paper": p}
     return raw
 
 def setup(work: Path) -> Path:
+    from ovseg.paper import PAPER_WEIGHTS
     from ovseg.testing import write_paper_fixtures, write_paper_weights
     proj = work / "project"
     t0 = time.time()
@@ -60,11 +52,11 @@ def setup(work: Path) -> Path:
     os.symlink(work / "data", proj / "data")
     (proj / "weights").mkdir()
     local = {}
-    for spec, f in files.items():          # weights/<name> as docs/weights.md names them, linked to the cached files
-        rel = Path(f).relative_to(wdir)
-        (proj / "weights" / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(f, proj / "weights" / rel)
-        local[spec] = str(Path("weights") / rel)
+    for spec, f in files.items():          # the paths docs/weights.md names (ovseg.paper.PAPER_WEIGHTS), linked to the cached files
+        rel = PAPER_WEIGHTS[spec]
+        (proj / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(f, proj / rel)
+        local[spec] = rel
     (proj / "params.yaml").write_text(yaml.safe_dump(smoke_params(local), sort_keys=False))
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=proj, check=True)
