@@ -142,14 +142,53 @@ def ovsegmentor(cfg):
                  f"({per2 / 1e9:.0f} GFLOP/pair, CMC's momentum encoder and partner image) over {N['cc'] / 1e6:.0f}M pairs (CC12M; "
                  f"the paper's CC4M: one third); eval {n_val} images", gpu_hours=hours(total, p1.precision))]
 
+def ovsegmentor_memory(cfg, batch_size: int = 256) -> dict:
+    """Bytes kept for backward per caption pair in one stage-1 (contrast + MEC) and one stage-2 (+ CMC) step at paper
+    sizes (fp32), with and without gradient checkpointing, counted exactly with saved-tensor hooks (device-independent),
+    plus weights, gradients and AdamW state; extrapolated to `batch_size` pairs on one GPU."""
+    from ovseg.ovsegmentor import CaptionList, CropFlip, EntityCaptions, _collate, build_model, stage2
+    from ovseg.paper import data_path
+    S, root = cfg.params.ovsegmentor, cfg.params.paths.data
+    caps = CaptionList(data_path(S.captions, root), data_path(S.images_root, root), size=S.model.image_size)
+    data = CropFlip(EntityCaptions(caps, S.model.vocabulary, partners=S.partners), S.model.image_size, S.crop_scale)
+    batch = _collate([data[i % len(data)] for i in range(2)])
+    def saved_bytes(model):
+        seen = {}
+        def pack(t):
+            try: key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            except Exception: key = (id(t), t.numel() * t.element_size())
+            seen[key] = key[1]
+            return t
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model.training_loss(batch)
+        loss.backward(); model.zero_grad(set_to_none=True)
+        return sum(seen.values()) / 2
+    m1 = build_model(S, "mec", weights=cfg.params.encoders.weights)
+    out = {}
+    for ck in (False, True):
+        m1.set_grad_checkpointing(ck); out[f"stage1_ckpt{int(ck)}"] = saved_bytes(m1)
+    m2 = stage2(m1, cmc_weight=S.cmc_weight)
+    for ck in (False, True):
+        m2.set_grad_checkpointing(ck); out[f"stage2_ckpt{int(ck)}"] = saved_bytes(m2)
+    n_train = sum(p.numel() for p in m1.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in m1.parameters())
+    static = 4 * n_all + 4 * n_train * 3          # fp32 weights + gradients + AdamW's two moments
+    out.update(trainable_params=n_train, all_params=n_all, static_GB=static / 1e9,
+               **{f"{k}_GB_at_{batch_size}": (static + batch_size * v) / 1e9 for k, v in list(out.items()) if k.startswith("stage")})
+    return out
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/ovseg_paper_smoke")
     ap.add_argument("--only", nargs="*", default=["fusioner", "zsseg", "fisa", "ovsegmentor"])
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--memory", action="store_true", help="OVSegmentor's memory at batch 256, with and without checkpointing")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     cfg = cfg_for(Path(a.work))
+    if a.memory:
+        print(json.dumps(ovsegmentor_memory(cfg), indent=1)); return 0
     rows = []
     for name in a.only:
         t0 = time.time()
