@@ -568,6 +568,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'ovseg.fusioner.Fusioner.__init__': ('fusioner.html#fusioner.__init__', 'ovseg/fusioner.py'),
                                 'ovseg.fusioner.Fusioner._build_encoders': ('fusioner.html#fusioner._build_encoders', 'ovseg/fusioner.py'),
                                 'ovseg.fusioner.Fusioner._dense': ('fusioner.html#fusioner._dense', 'ovseg/fusioner.py'),
+                                'ovseg.fusioner.Fusioner._episode_text': ('fusioner.html#fusioner._episode_text', 'ovseg/fusioner.py'),
+                                'ovseg.fusioner.Fusioner._names_text': ('fusioner.html#fusioner._names_text', 'ovseg/fusioner.py'),
                                 'ovseg.fusioner.Fusioner.class_embeddings': ( 'fusioner.html#fusioner.class_embeddings',
                                                                               'ovseg/fusioner.py'),
                                 'ovseg.fusioner.Fusioner.forward': ('fusioner.html#fusioner.forward', 'ovseg/fusioner.py'),

@@ -264,19 +264,27 @@ class Fusioner(nn.Module):
     def forward(self, dense: torch.Tensor, text: torch.Tensor, out_size=None, image_size=None) -> torch.Tensor:
         return self.head(dense, text, out_size, image_size)
 
+    @torch.compiler.disable
+    def _episode_text(self, names) -> torch.Tensor:
+        """(B, 1, D) class embeddings of the episodes' class names, each distinct name encoded once. Kept out of
+        torch.compile's graph: traced, every new set of names would be a guard failure and a recompile."""
+        uniq = sorted(set(names))
+        emb = self.class_embeddings(uniq)
+        return emb[torch.tensor([uniq.index(n) for n in names], device=emb.device)][:, None]
+
+    @torch.compiler.disable
+    def _names_text(self, names) -> torch.Tensor:
+        "(K, D) class embeddings of one class list (multiclass batches), outside the compiled graph as above."
+        names = names[0] if names and isinstance(names[0], (list, tuple)) else names
+        return self.class_embeddings(names)
+
     def training_loss(self, batch) -> torch.Tensor:
         dense, label = self._dense(batch), batch["label"]
         size = tuple(label.shape[-2:])
         if self.config.mode == "binary":
-            names = batch["class_name"]
-            uniq = sorted(set(names))
-            emb = self.class_embeddings(uniq)                            # once per class list
-            idx = torch.tensor([uniq.index(n) for n in names], device=emb.device)
-            logits = self(dense, emb[idx][:, None], size)[:, 0]          # (B, H, W)
+            logits = self(dense, self._episode_text(batch["class_name"]), size)[:, 0]          # (B, H, W)
             return binary_episode_loss(logits, label, reduction=self.config.loss_reduction)
-        names = batch["class_names"]
-        names = names[0] if names and isinstance(names[0], (list, tuple)) else names
-        return multiclass_loss(self(dense, self.class_embeddings(names), size), label)
+        return multiclass_loss(self(dense, self._names_text(batch["class_names"]), size), label)
 
     @torch.no_grad()
     def predict(self, images01: torch.Tensor, class_names: Sequence[str], dense: torch.Tensor | None = None) -> torch.Tensor:
