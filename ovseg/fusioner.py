@@ -462,6 +462,8 @@ def paper_task(dataset: str, cfg, runs: FusionerSettings | None = None) -> Task:
     from ovseg.data import Resize, create_dataset, train_transform
     s = cfg.params.fusioner if runs is None else runs
     dc, root = cfg.params.data, cfg.params.paths.data
+    from ovseg.paper import require_data
+    require_data(root, [dataset])          # a missing dataset: one error naming its folder and docs/weights.md
     raw = lambda ds: RawNames(ds) if s.class_names == "raw" else ds
     def train(fold: int, seed: int):
         if s.augment == "official":
@@ -479,6 +481,9 @@ def paper_task(dataset: str, cfg, runs: FusionerSettings | None = None) -> Task:
 
 def paper_model(fc: FusionerConfig, dataset: str, cfg):
     "A model factory `(fold, seed) -> Fusioner` for `dataset`: its official statistics (`input_norm='dataset'`), local weights from `encoders.weights`."
+    from ovseg.paper import require_weights
+    w = cfg.params.encoders.weights
+    require_weights({k: w[k] for k in (fc.visual, fc.text) if k in w})    # a missing local file: one error naming it and docs/weights.md
     fcd = for_dataset(fc, dataset, cfg.params.encoders.weights)
     return lambda fold, seed: Fusioner(fcd)
 

@@ -23,7 +23,7 @@ PAPER_WEIGHTS = {
 
 # dataset name (ovseg.data.create_dataset) -> what its reader needs under paths.data
 PAPER_DATA = {
-    "voc21": "VOCdevkit/VOC2012/SegmentationClass", "voc20": "VOCdevkit/VOC2012/SegmentationClassAug",
+    "voc21": "VOCdevkit/VOC2012/JPEGImages", "voc20": "VOCdevkit/VOC2012/JPEGImages",
     "pascal5i": "VOCdevkit/VOC2012/SegmentationClassAug", "coco20i": "COCO2014/annotation",
     "fss1000": "FSS-1000", "mosaic4": "FSS-1000",
     "pc59": "VOCdevkit/VOC2010/SegmentationClassContext", "pc60": "VOCdevkit/VOC2010/SegmentationClassContext",
@@ -32,7 +32,9 @@ PAPER_DATA = {
     "ade_panoptic": "ADEChallengeData2016/ade20k_panoptic_val.json", "ade847": "ADE20K_2021_17_01/annotations_detectron2",
 }
 
-class MissingInputError(FileNotFoundError):
+from .data import DatasetNotFoundError
+
+class MissingInputError(DatasetNotFoundError):
     "A dataset folder or weight file the run needs is not there (the message names each and docs/weights.md)."
 
 # %% auto #0

@@ -173,6 +173,8 @@ def zero_shot_data(bench: ZsSegBenchmark, root="data", augment: bool = True):
     `bench.eval_resolution`: the image resized to the test short side and the label kept at its size, official, or both
     resized), the class names (`bench.names`: the dataset's raw names, official, or cleaned) and the unseen indices."""
     from ovseg.data import Resize, create_dataset, train_transform
+    from ovseg.paper import require_data
+    require_data(root, [bench.dataset])    # a missing dataset: one error naming its folder and docs/weights.md
     tf = None
     if augment and bench.augment == "official": tf = official_train_transform(bench.crop, bench.short_side, bench.max_size)
     elif augment:
