@@ -78,3 +78,20 @@ def test_paper_smoke_runs_every_stage(tmp_path):
     assert r.returncode == 0 and not failed and len(res.get("rows", [])) == len(PIPE), \
         f"stages not run: {failed}\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     print(f"paper smoke: {time.time() - t0:.0f} s")
+
+
+def test_evaluate_semantic_uses_the_datasets_ignore_value():
+    "ADE-847 / PC-459 mark unlabelled pixels 65535 (their class ids pass 255): scored as ignored, not rejected."
+    import torch
+    from ovseg.experiment import evaluate_semantic
+    class Const(torch.nn.Module):
+        def predict(self, x, names):
+            out = torch.zeros(x.shape[0], len(names), *x.shape[-2:]); out[:, 300] = 1
+            return out
+    class Full:
+        ignore_index, class_names = 65535, [f"c{k}" for k in range(847)]
+        def __len__(self): return 1
+        def __getitem__(self, i):
+            lab = torch.full((4, 4), 65535, dtype=torch.long); lab[:2] = 300
+            return {"image": torch.rand(3, 4, 4), "label": lab}
+    assert evaluate_semantic(Const(), Full())["mIoU"] == 100.0
