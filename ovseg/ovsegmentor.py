@@ -435,7 +435,8 @@ class OVSegmentor(nn.Module):
     # --- momentum encoder ----------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> "OVSegmentor":
         """Recompute the GroupViT blocks' (and a trainable text encoder's) activations in backward instead of keeping
-        them: the official per-GPU batch (256) in fp32 fits one 80 GB GPU at ~1.3x the step time (docs/ovsegmentor.md)."""
+        them (one more forward per step), so the official per-GPU batch of 256 in fp32 needs far less memory
+        (docs/ovsegmentor.md; the bytes kept for backward: `scripts/gpu_hours.py --memory`)."""
         self.visual.grad_checkpointing = enable
         m = getattr(self.text_encoder, "model", None)
         if self.config.text_trainable and m is not None and hasattr(m, "gradient_checkpointing_enable"):

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         try: rows += globals()[name](cfg)
         except Exception as e: rows.append(dict(stage=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
-        print(f"{name}: measured in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"{name}: measured in {time.time() - t0:.0f} s: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     print("| stage | GFLOP per training sample (fwd + bwd) | training samples | precision | H100 GPU-hours | how |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r: print(f"| {r['stage']} | not measured: {r['error']} | | | | |"); continue
