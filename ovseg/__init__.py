@@ -12,6 +12,7 @@ Modules, in the order data flows:
 - `ovseg.metrics`: mIoU / FB-IoU / hIoU / PQ as the papers' code computes them.
 - `ovseg.embedded`: the seeded synthetic world of coloured shapes the embedded profile runs on.
 - `ovseg.data`: the benchmarks' datasets in their standard layouts, transforms, sliding windows, preparation.
+- `ovseg.paper`: the paper pipeline's inputs: the dataset folders and weight files of docs/weights.md, one error naming every missing one.
 - `ovseg.realdata`: the real data read in place (CamVid in the SegNet layout with zero-shot folds, Flickr8k captions) for the `real` pipeline.
 - `ovseg.encoders`: frozen visual and text encoders behind one interface (open_clip, timm, transformers), prompt templates, the OpenAI/QuickGELU rule.
 - `ovseg.cliptrain`: the small CLIP the embedded profile trains, since no CLIP weights install offline.
