@@ -15,6 +15,7 @@ Modules, in the order data flows:
 - `ovseg.data`: the benchmarks' datasets in their standard layouts and the dataset registry.
 - `ovseg.prepare`: download, verify, unpack and convert the benchmarks.
 - `ovseg.prompts`: prompt templates and the one prompt ensemble (class names become text).
+- `ovseg.paper`: the paper pipeline's inputs: the dataset folders and weight files of docs/weights.md, one error naming every missing one.
 - `ovseg.realdata`: the real data read in place (CamVid in the SegNet layout with zero-shot folds, Flickr8k captions) for the `real` pipeline.
 - `ovseg.encoders`: frozen visual and text encoders behind one interface and one registry (timm, transformers, EfficientNet-Lite).
 - `ovseg.openclip`: the open_clip family (pretrained CLIPs, the embedded CLIP), its loader and weight checks (the OpenAI/QuickGELU rule).

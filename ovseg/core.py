@@ -36,7 +36,7 @@ class RuntimeConfig:
 
 @dataclass
 class PathsConfig:
-    data: str = "data"          # real benchmark datasets, standard layouts (tracked by data.dvc)
+    data: str = "data"          # real benchmark datasets, standard layouts (data.dvc records its hash, cache: false)
     outputs: str = "outputs"    # everything the DVC stages write
     weights: str = "weights"    # local checkpoints of pretrained encoders (no hub needed)
 

@@ -154,7 +154,8 @@ def evaluate_semantic(model: nn.Module, dataset, class_names: Sequence[str] | No
     predicted by `predict_windows` (`window`, `stride`, `flip`); the first `limit` images only if given."""
     _need(model, "predict", "(images01, class_names) -> (B, K, H, W) logits")
     names = list(class_names or dataset.class_names)
-    metric = SemanticMetric(len(names))
+    # the dataset's own ignore value (ADE-847, PASCAL Context-459: 65535, as their class ids pass 255)
+    metric = SemanticMetric(len(names), ignore_index=int(getattr(dataset, "ignore_index", 255)))
     model.eval().to(device)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in progress(range(n), "semantic"):

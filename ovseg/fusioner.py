@@ -335,19 +335,27 @@ class Fusioner(nn.Module):
     def forward(self, dense: torch.Tensor, text: torch.Tensor, out_size=None, image_size=None) -> torch.Tensor:
         return self.head(dense, text, out_size, image_size)
 
+    @torch.compiler.disable
+    def _episode_text(self, names) -> torch.Tensor:
+        """(B, 1, D) class embeddings of the episodes' class names, each distinct name encoded once. Kept out of
+        torch.compile's graph: traced, every new set of names would be a guard failure and a recompile."""
+        uniq = sorted(set(names))
+        emb = self.class_embeddings(uniq)
+        return emb[torch.tensor([uniq.index(n) for n in names], device=emb.device)][:, None]
+
+    @torch.compiler.disable
+    def _names_text(self, names) -> torch.Tensor:
+        "(K, D) class embeddings of one class list (multiclass batches), outside the compiled graph as above."
+        names = names[0] if names and isinstance(names[0], (list, tuple)) else names
+        return self.class_embeddings(names)
+
     def training_loss(self, batch) -> torch.Tensor:
         dense, label = self._dense(batch), batch["label"]
         size = tuple(label.shape[-2:])
         if self.config.mode == "binary":
-            names = batch["class_name"]
-            uniq = sorted(set(names))
-            emb = self.class_embeddings(uniq)                            # once per class list
-            idx = torch.tensor([uniq.index(n) for n in names], device=emb.device)
-            logits = self(dense, emb[idx][:, None], size)[:, 0]          # (B, H, W)
+            logits = self(dense, self._episode_text(batch["class_name"]), size)[:, 0]          # (B, H, W)
             return binary_episode_loss(logits, label, reduction=self.config.loss_reduction)
-        names = batch["class_names"]
-        names = names[0] if names and isinstance(names[0], (list, tuple)) else names
-        return multiclass_loss(self(dense, self.class_embeddings(names), size), label)
+        return multiclass_loss(self(dense, self._names_text(batch["class_names"]), size), label)
 
     @torch.no_grad()
     def predict(self, images01: torch.Tensor, class_names: Sequence[str], dense: torch.Tensor | None = None) -> torch.Tensor:
@@ -526,6 +534,8 @@ def paper_task(dataset: str, cfg, runs: FusionerSettings | None = None) -> Task:
     from ovseg.data import create_dataset
     s = cfg.params.fusioner if runs is None else runs
     dc, root = cfg.params.data, cfg.params.paths.data
+    from ovseg.paper import require_data
+    require_data(root, [dataset])          # a missing dataset: one error naming its folder and docs/weights.md
     raw = lambda ds: RawNames(ds) if s.class_names == "raw" else ds
     def train(fold: int, seed: int):
         if s.augment == "official":
@@ -543,6 +553,9 @@ def paper_task(dataset: str, cfg, runs: FusionerSettings | None = None) -> Task:
 
 def paper_model(fc: FusionerConfig, dataset: str, cfg):
     "A model factory `(fold, seed) -> Fusioner` for `dataset`: its official statistics (`input_norm='dataset'`), local weights from `encoders.weights`."
+    from ovseg.paper import require_weights
+    w = cfg.params.encoders.weights
+    require_weights({k: w[k] for k in (fc.visual, fc.text) if k in w})    # a missing local file: one error naming it and docs/weights.md
     fcd = for_dataset(fc, dataset, cfg.params.encoders.weights)
     return lambda fold, seed: Fusioner(fcd)
 

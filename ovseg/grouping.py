@@ -186,6 +186,13 @@ class GroupViT(nn.Module):
         self.grouping = GroupingBlock(width, heads, group_tokens, groups, token_ratio, mlp_ratio, gumbel, hard, tau, assign_eps)
         self.stage2 = nn.ModuleList(Block(width, heads, mlp_ratio, rates[depths[0] + i]) for i in range(depths[1]))
         self.norm = nn.LayerNorm(width)
+        self.grad_checkpointing = False   # True: blocks recompute their activations in backward (memory for time)
+
+    def _run(self, blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(blk, t, use_reentrant=False)     # drop path's RNG state is replayed in the recompute
+        return blk(t)
 
     def forward(self, x: torch.Tensor) -> dict:
         "x (B,3,H,W) normalised -> dict(tokens (B,G,C), pooled (B,C), assign (info dict), grid (h, w))."
@@ -193,10 +200,10 @@ class GroupViT(nn.Module):
         B, C, h, w = t.shape
         t = t.flatten(2).transpose(1, 2) + interpolate_pos_embed(self.pos_embed, (self.grid, self.grid), (h, w)).to(t.dtype)
         t = self.ln_pre(torch.cat([t, self.group_token.expand(B, -1, -1)], 1))
-        for blk in self.stage1: t = blk(t)
+        for blk in self.stage1: t = self._run(blk, t)
         n = h * w
         seg, info = self.grouping(t[:, :n], t[:, n:])
-        for blk in self.stage2: seg = blk(seg)
+        for blk in self.stage2: seg = self._run(blk, seg)
         seg = self.norm(seg)
         return dict(tokens=seg, pooled=seg.mean(1), assign=info, grid=(h, w))
 

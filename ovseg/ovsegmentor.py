@@ -560,6 +560,16 @@ class OVSegmentor(nn.Module):
         return F.normalize(self.img_proj(out["tokens"]), dim=-1)
 
     # --- momentum encoder ----------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> "OVSegmentor":
+        """Recompute the GroupViT blocks' (and a trainable text encoder's) activations in backward instead of keeping
+        them (one more forward per step), so the official per-GPU batch of 256 in fp32 needs far less memory
+        (docs/ovsegmentor.md; the bytes kept for backward: `scripts/gpu_hours.py --memory`)."""
+        self.visual.grad_checkpointing = enable
+        m = getattr(self.text_encoder, "model", None)
+        if self.config.text_trainable and m is not None and hasattr(m, "gradient_checkpointing_enable"):
+            m.gradient_checkpointing_enable() if enable else m.gradient_checkpointing_disable()
+        return self
+
     @torch.no_grad()
     def sync_momentum(self):
         "Copy the online GroupViT into the momentum encoder (start of stage 2)."
@@ -861,9 +871,12 @@ def setting_recipe(setting: str) -> dict:
 def build_model(s: OVSegmentorSettings, setting: str = "mec", vocabulary: Sequence[str] | None = None, text_encoder=None,
                 weights: dict | None = None, clip_dir: str | os.PathLike = "outputs/embedded_clip", **model_overrides) -> OVSegmentor:
     """A stage-1 OVSegmentor for `setting` from an `ovsegmentor` settings block: `s.model` (+ `model_overrides`),
-    the MEC weight of the setting, `vocabulary` (default `s.model.vocabulary`), blocks from `s.init` (random for *_random)."""
+    the MEC weight of the setting, `vocabulary` (default `s.model.vocabulary`), blocks from `s.init` (random for *_random);
+    `weights` (`encoders.weights`) also gives the text encoder's weights when `model.text_weights` is empty."""
     r = setting_recipe(setting)
     cfg = dataclasses.replace(s.model, **model_overrides)
+    if not cfg.text_weights and weights and cfg.text in weights:      # one place for BERT's weights: encoders.weights
+        cfg = dataclasses.replace(cfg, text_weights=str(weights[cfg.text]))
     vocab = list(vocabulary if vocabulary is not None else cfg.vocabulary)
     cfg = dataclasses.replace(cfg, vocabulary=vocab, mec_weight=cfg.mec_weight if r["mec"] else 0.0, cmc_weight=0.0)
     if r["mec"] and not vocab: raise ValueError(f"setting {setting!r} needs an entity vocabulary (ovsegmentor.model.vocabulary)")

@@ -20,7 +20,7 @@ from .train import register_arch
 
 # %% auto #0
 __all__ = ['TINY_CLIP_CFG', 'RandomVisual', 'HashText', 'ToyConfig', 'ToyModel', 'ToyData', 'tiny_clip_cfg', 'tiny_clip',
-           'tiny_clip_dir', 'write_paper_weights', 'shared_data']
+           'tiny_clip_dir', 'write_paper_weights', 'shared_data', 'write_paper_fixtures']
 
 # %% ../nbs/90_testing.ipynb #93a65b7b
 class RandomVisual(VisualEncoder):
@@ -177,3 +177,153 @@ def shared_data(*parts: str) -> Path | None:
     for c in cands:
         if c.is_dir(): return c.joinpath(*parts)
     return None
+
+# %% ../nbs/90_testing.ipynb #84a76b4d
+import json, shutil
+import numpy as np
+from PIL import Image
+
+def _fixture_pair(size: tuple[int, int], value: int, background: int, seed: int) -> tuple[Image.Image, np.ndarray]:
+    "A noise image and a label map: `background` everywhere, `value` in a centred box (a tiny stand-in for a photo)."
+    rng = np.random.default_rng(seed)
+    H, W = size
+    img = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    lab = np.full((H, W), background, np.int64)
+    lab[H // 4: 3 * H // 4, W // 4: 3 * W // 4] = value
+    return img, lab
+
+class _Fixture:
+    "Writes one image / label per (folder, value) once and links every listed id to it: thousands of ids cost links only."
+    def __init__(self, root: Path, size: tuple[int, int]):
+        self.root, self.size, self._made = Path(root), size, {}
+    def _link(self, target: Path, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink(): return
+        try: os.symlink(os.path.relpath(target, path.parent), path)
+        except OSError: shutil.copyfile(target, path)          # file systems without links
+    def _source(self, name: str) -> Path:
+        "The one real file behind the links: in `<root>/.fixture_files`, outside every folder a reader lists."
+        d = self.root / ".fixture_files"; d.mkdir(parents=True, exist_ok=True)
+        return d / name
+    def image(self, path: Path, seed: int = 0):
+        key = ("img", path.suffix, seed % 4)
+        if key not in self._made:
+            src = self._source(f"img{seed % 4}{path.suffix}")
+            _fixture_pair(self.size, 1, 0, seed)[0].save(src); self._made[key] = src
+        self._link(self._made[key], path)
+    def label(self, path: Path, value: int, background: int = 0, dtype=np.uint8):
+        key = ("lab", path.suffix, value, background, np.dtype(dtype).name)
+        if key not in self._made:
+            src = self._source(f"v{value}_b{background}_{np.dtype(dtype).name}{path.suffix}")
+            lab = _fixture_pair(self.size, value, background, 0)[1]
+            if path.suffix == ".mat":
+                import scipy.io
+                scipy.io.savemat(src, {"LabelMap": lab.astype(np.uint16)})
+            else: Image.fromarray(lab.astype(dtype)).save(src)
+            self._made[key] = src
+        self._link(self._made[key], path)
+
+def write_paper_fixtures(root: str | os.PathLike, n: int = 2, size: tuple[int, int] = (96, 128)) -> dict[str, str]:
+    """Tiny real-layout copies of every dataset the `paper` profile reads, under `root` (its `paths.data`): the
+    folder layouts, list files and label encodings of the downloads docs/weights.md lists, with noise images and
+    one labelled box each. Every id of the package's PASCAL-5i lists and VOC `train_aug` (10,582) and the first
+    1,000 COCO-20i pairs of fold 0 exist (as links to a handful of files, so any sampled training episode loads);
+    the other sets hold `n` images per split. Returns {dataset: folder}. A stand-in for the downloads in the
+    paper smoke test (scripts/paper_smoke.py): the readers are the real ones, only the pictures are noise."""
+    import gzip
+    from ovseg.data import ADE150, COCO_STUFF, COCO_STUFF_IDS, COCO_THING_IDS, COCO_THINGS, PC59, splits_dir
+    root = Path(root); fx = _Fixture(root, tuple(size)); out = {}
+    # PASCAL VOC 2012 + SBD aug (voc21 / voc20 / pascal5i): every id of the PASCAL-5i lists, train_aug = the trn ids
+    voc = root / "VOCdevkit" / "VOC2012"
+    ids: dict[str, int] = {}
+    for split in ("trn", "val"):
+        for f in sorted((splits_dir() / "pascal5i" / split).glob("fold*.txt")):
+            for l in f.read_text().split():
+                i, c = l.split("__"); ids.setdefault(i, int(c))
+    trn = sorted({l.split("__")[0] for f in (splits_dir() / "pascal5i" / "trn").glob("fold*.txt") for l in f.read_text().split()})
+    val = sorted({l.split("__")[0] for f in (splits_dir() / "pascal5i" / "val").glob("fold*.txt") for l in f.read_text().split()})
+    for k, (i, c) in enumerate(sorted(ids.items())):
+        fx.image(voc / "JPEGImages" / f"{i}.jpg", k)
+        fx.label(voc / "SegmentationClassAug" / f"{i}.png", c)
+    for i in val[:n] + trn[:n]: fx.label(voc / "SegmentationClass" / f"{i}.png", ids[i])
+    sets = voc / "ImageSets" / "Segmentation"; sets.mkdir(parents=True, exist_ok=True)
+    (sets / "train_aug.txt").write_text("\n".join(trn) + "\n")          # the 10,582 ids (docs/weights.md: how to make it)
+    (sets / "train.txt").write_text("\n".join(trn[:n]) + "\n")
+    (sets / "val.txt").write_text("\n".join(val[:n]) + "\n")
+    out["voc"] = str(voc)
+    # COCO-20i (HSNet layout): the first 1,000 pairs of fold 0 of each split (the reader's default cap)
+    c14 = root / "COCO2014"
+    for split in ("trn", "val"):
+        with gzip.open(splits_dir() / "coco20i" / f"{split}_fold0.json.gz", "rt") as f: lists = json.load(f)
+        for k, (p, c) in enumerate(sorted((p, int(c)) for c, ps in lists.items() for p in ps)[:1000]):
+            fx.image(c14 / p, k); fx.label(c14 / "annotation" / Path(p).with_suffix(".png"), c + 1)
+    out["coco20i"] = str(c14)
+    # FSS-1000 (Mosaic-4's source): 5 classes x n images, binary masks 0/255
+    for c in ("ab_wheel", "abacus", "accordion", "acorn", "airliner"):
+        for j in range(1, n + 1):
+            fx.image(root / "FSS-1000" / c / f"{j}.jpg", j); fx.label(root / "FSS-1000" / c / f"{j}.png", 255)
+    out["fss1000"] = str(root / "FSS-1000")
+    # PASCAL Context (mmsegmentation layout: 0 = background, 1..59) and the full 459 classes (.mat LabelMap)
+    pc = root / "VOCdevkit" / "VOC2010"
+    ctx = [f"2008_{k:06d}" for k in range(2 * n)]
+    for k, i in enumerate(ctx):
+        fx.image(pc / "JPEGImages" / f"{i}.jpg", k)
+        fx.label(pc / "SegmentationClassContext" / f"{i}.png", 1 + k % 59)
+        fx.label(pc / "trainval" / f"{i}.mat", 1 + k % 459)
+    (pc / "ImageSets" / "SegmentationContext").mkdir(parents=True, exist_ok=True)
+    (pc / "ImageSets" / "SegmentationContext" / "train.txt").write_text("\n".join(ctx[:n]) + "\n")
+    (pc / "ImageSets" / "SegmentationContext" / "val.txt").write_text("\n".join(ctx[n:]) + "\n")
+    (pc / "labels.txt").write_text("".join(f"{k}: {PC59[k - 1] if k <= 59 else f'context{k}'}\n" for k in range(1, 460)))
+    out["pascal_context"] = str(pc)
+    # COCO 2017: stuffthingmaps (COCO-Stuff-164k, COCO-Object) and panoptic (133 categories: 80 things, 53 stuff)
+    coco = root / "coco"
+    cats = [{"id": i, "name": nm, "isthing": 1} for i, nm in zip(COCO_THING_IDS, COCO_THINGS)] + \
+           [{"id": i, "name": nm, "isthing": 0} for i, nm in zip(COCO_STUFF_IDS[:53], COCO_STUFF[:53])]
+    for split in ("train", "val"):
+        names = [f"{k + (0 if split == 'train' else 500000):012d}" for k in range(1, n + 1)]
+        for k, nm in enumerate(names):
+            fx.image(coco / f"{split}2017" / f"{nm}.jpg", k)
+            fx.label(coco / "stuffthingmaps" / f"{split}2017" / f"{nm}.png", COCO_THING_IDS[k % 80] - 1, background=COCO_STUFF_IDS[k % 91] - 1)
+        _panoptic(coco / "annotations" / f"panoptic_{split}2017.json", coco / "annotations" / f"panoptic_{split}2017",
+                  names, cats, tuple(size))
+    out["coco"] = str(coco)
+    # ADE20K SceneParsing (150, reduce-zero-label), its panoptic conversion, and ADE20K-full (847, detectron2 layout)
+    ade = root / "ADEChallengeData2016"
+    ade_cats = [{"id": k + 1, "name": nm, "isthing": int(k % 3 == 0)} for k, nm in enumerate(ADE150)]
+    full = root / "ADE20K_2021_17_01"
+    for split, d in (("train", "training"), ("val", "validation")):
+        names = [f"ADE_{d[:5] if d == 'train' else d[:3]}_{k:08d}" for k in range(1, n + 1)]
+        for k, nm in enumerate(names):
+            fx.image(ade / "images" / d / f"{nm}.jpg", k); fx.label(ade / "annotations" / d / f"{nm}.png", 1 + k % 150)
+            fx.image(full / "images_detectron2" / d / f"{nm}.jpg", k)
+            fx.label(full / "annotations_detectron2" / d / f"{nm}.tif", k % 847, background=65535, dtype=np.uint16)
+        _panoptic(ade / f"ade20k_panoptic_{split}.json", ade / f"ade20k_panoptic_{split}", names, ade_cats, tuple(size))
+    (full / "ade847_classes.txt").write_text("".join(f"ade847 class {k}\n" for k in range(847)))
+    out["ade"], out["ade847"] = str(ade), str(full)
+    # a caption list (CC12M-style: image path<TAB>caption), images beside it
+    cc = root / "cc12m"
+    words = ["dog", "cat", "car", "person", "tree", "bird", "horse", "boat"]
+    lines = []
+    for k in range(max(4, 2 * n)):
+        p = f"images/{k:05d}.jpg"; fx.image(cc / p, k)
+        lines.append(f"{p}\ta photo of a {words[k % len(words)]} next to a {words[(k + 3) % len(words)]}")
+    (cc / "captions.tsv").write_text("\n".join(lines) + "\n")
+    out["captions"] = str(cc / "captions.tsv")
+    return out
+
+def _panoptic(json_path: Path, png_dir: Path, names: Sequence[str], cats: list[dict], size: tuple[int, int]):
+    "A COCO-format panoptic JSON + PNGs: per image one thing segment (the box) on one stuff segment (the rest)."
+    H, W = size
+    things, stuff = [c for c in cats if c["isthing"]], [c for c in cats if not c["isthing"]]
+    png_dir.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for k, nm in enumerate(names):
+        ids = np.full((H, W), 2, np.int64); ids[H // 4: 3 * H // 4, W // 4: 3 * W // 4] = 1
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(png_dir / f"{nm}.png")
+        images.append({"id": k + 1, "file_name": f"{nm}.jpg", "height": H, "width": W})
+        anns.append({"image_id": k + 1, "file_name": f"{nm}.png", "segments_info": [
+            {"id": 1, "category_id": things[k % len(things)]["id"], "iscrowd": 0},
+            {"id": 2, "category_id": stuff[k % len(stuff)]["id"], "iscrowd": 0}]})
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))

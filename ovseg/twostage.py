@@ -293,6 +293,8 @@ def zero_shot_data(bench: ZsSegBenchmark, root="data", augment: bool = True):
     resized), the class names (`bench.names`: the dataset's raw names, official, or cleaned) and the unseen indices."""
     from ovseg.images import Resize, train_transform
     from ovseg.data import create_dataset
+    from ovseg.paper import require_data
+    require_data(root, [bench.dataset])    # a missing dataset: one error naming its folder and docs/weights.md
     tf = None
     if augment and bench.augment == "official": tf = official_train_transform(bench.crop, bench.short_side, bench.max_size)
     elif augment:

@@ -298,3 +298,22 @@ def test_no_graph_break_in_the_head():
     h = FusionHead(_paper_small(), 24, 12)
     ex = torch._dynamo.explain(h)(torch.randn(2, 24, 4, 4), torch.randn(2, 1, 12), (56, 56))
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+
+
+def test_compile_does_not_recompile_per_class_name_set():
+    "torch.compile of the training step: batches with new class names reuse the graphs (the text part runs outside them)."
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    names = [f"class {k}" for k in range(20)]
+    graphs = {}
+    for fixed in (True, False):
+        torch._dynamo.reset(); counters.clear()
+        m = _model()
+        step = torch.compile(lambda b: m.training_loss(b), backend="eager")
+        for i in range(6):
+            b = _episodes(4)
+            b["class_name"] = [names[((0 if fixed else 7 * i) + 3 * j) % 20] for j in range(4)]
+            step(b).backward()
+        graphs[fixed] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs[False] == graphs[True], f"new class names compiled {graphs[False]} graphs, the same names {graphs[True]}"
