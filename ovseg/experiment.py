@@ -55,6 +55,7 @@ class GalleryView:
     run: str                    # run folder below paths.outputs, with {fold} and {seed}: holds model/, checkpoint/ or an open_clip folder
     protocol: Literal["semantic", "semantic_nobg", "episodes"]   # all names + background | all names, background pixels unscored | the classes present, one episode each
     row: dict | None = None     # the run's line in its stage's results.json (these keys and values), when the run has no eval.json
+    runs: dict = field(default_factory=dict)   # profile -> its run folder where that profile's pipeline writes another one
 
 @dataclass(frozen=True)
 class MethodInfo:

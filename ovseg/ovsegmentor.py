@@ -952,4 +952,5 @@ class CaptionList(torch.utils.data.Dataset):
 from .experiment import GalleryView, register_method
 
 register_method("ovsegmentor", "OVSegmentor", order=30, stages=("ovsegmentor",),
-                gallery=GalleryView("ovsegmentor/runs/cmc_f-1_s{seed}", "semantic"))
+                gallery=GalleryView("ovsegmentor/runs/cmc_f-1_s{seed}", "semantic",
+                                    runs={"paper": "ovsegmentor/runs/cmc_s{seed}"}))   # repro/11_ovsegmentor_paper.ipynb

@@ -782,4 +782,5 @@ def choose_lam(scores: dict[str, dict[str, float]], lams: Sequence[float], key: 
 from .experiment import GalleryView, register_method
 
 register_method("zsseg", "zsseg", order=20, stages=("zsseg",),
-                gallery=GalleryView("zsseg/runs/zsseg_f{fold}_s{seed}", "semantic_nobg"))
+                gallery=GalleryView("zsseg/runs/zsseg_f{fold}_s{seed}", "semantic_nobg",
+                                    runs={"paper": "zsseg/voc/runs/zsseg_f{fold}_s{seed}"}))   # paper/dvc.yaml: VOC 15/5
