@@ -74,6 +74,7 @@ class OVSegmentorConfig:
                                             # alignment Linear only where widths differ | v1: LN(SelfAttn(p, mask) + LN(q)), a question Linear always
     patch_norm: bool = False                # a LayerNorm on [patches ; group tokens] before stage 1 (official: none; v1 and an open_clip init: True)
     text_trainable: bool = False            # fine-tune the text encoder (official stage 1: BERT trained, features in the step) | False: frozen + cached
+    text_tuned: bool = False                # the text encoder was fine-tuned earlier (stage 1) and is frozen now: saved with the model all the same
     text_batch: int = 256                   # strings per text-encoder forward (padded, length-sorted)
     class_template: str = "a photo of a {}."   # inference class prompt(s), ";"-separated for several
     topk: int = 5                           # inference: the image-level filter keeps this many classes (0: off)
@@ -462,9 +463,10 @@ class OVSegmentor(nn.Module):
         self.last_losses: dict[str, float] = {}
 
     @property
-    def frozen_prefixes(self) -> tuple[str, ...]: return () if self.config.text_trainable else ("text_encoder.",)
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return () if self.config.text_trainable or self.config.text_tuned else ("text_encoder.",)
 
-    def frozen_encoders(self) -> dict: return {} if self.config.text_trainable else {"text": self.text_encoder}
+    def frozen_encoders(self) -> dict: return {} if self.config.text_trainable or self.config.text_tuned else {"text": self.text_encoder}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -733,7 +735,8 @@ OVSegmentor.class_embeddings, OVSegmentor._parts, OVSegmentor.scores, OVSegmento
 def stage2(model: OVSegmentor, cmc_weight: float = 0.1, **overrides) -> OVSegmentor:
     """A stage-2 model from a stage-1 `model`: same weights, CMC on with a momentum encoder that starts as a copy
     of the online one. `cmc_weight=0` gives the control: the same continuation without CMC (no momentum encoder)."""
-    cfg = dataclasses.replace(model.config, cmc_weight=cmc_weight, **{"text_trainable": False, **overrides})  # official: text frozen
+    cfg = dataclasses.replace(model.config, cmc_weight=cmc_weight, **{"text_trainable": False,   # official: text frozen ...
+                              "text_tuned": model.config.text_trainable or model.config.text_tuned, **overrides})  # ... but saved if fine-tuned
     if model.config.text_trainable: _TEXT_CACHES.pop(model.text_encoder, None)   # its fine-tuned features start a new cache
     if cfg.cmc_weight < 0: raise ValueError(f"cmc_weight must be >= 0, got {cfg.cmc_weight}")
     new = OVSegmentor(cfg, text_encoder=model.text_encoder).to(model.device)
@@ -952,6 +955,5 @@ class CaptionList(torch.utils.data.Dataset):
 from .experiment import GalleryView, register_method
 
 register_method("ovsegmentor", "OVSegmentor", order=30, stages=("ovsegmentor",),
-                gallery=GalleryView("ovsegmentor/runs/cmc_f-1_s{seed}", "semantic"))
-# (under `paper` its run, outputs/paper/ovsegmentor/runs/cmc_s{seed}/model, does not reload yet: the saved model's
-#  BERT hash differs from the one it was trained with, so the gallery names it as not shown)
+                gallery=GalleryView("ovsegmentor/runs/cmc_f-1_s{seed}", "semantic",
+                                    runs={"paper": "ovsegmentor/runs/cmc_s{seed}"}))   # repro/11_ovsegmentor_paper.ipynb

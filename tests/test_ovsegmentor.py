@@ -314,6 +314,12 @@ def test_fine_tuned_text_encoder(world, data, tmp_path):
                        m.text_encoder.model.encoder.layer[0].attention.self.query.weight)
     s2 = stage2(m)
     assert not s2.config.text_trainable and not any(p.requires_grad for p in s2.text_encoder.model.parameters())
+    # the stage-2 model keeps the fine-tuned text encoder when saved (the paper smoke found it reloading the original)
+    assert s2.config.text_tuned and s2.frozen_prefixes == ()
+    save_pretrained(s2, tmp_path / "s2")
+    back2 = from_pretrained(tmp_path / "s2")
+    assert torch.equal(back2.text_encoder.model.encoder.layer[0].attention.self.query.weight,
+                       m.text_encoder.model.encoder.layer[0].attention.self.query.weight)
 
 
 # --- inference ---------------------------------------------------------------------------------
