@@ -1,6 +1,6 @@
 """The paper pipeline (issue 23): paper/dvc.yaml tracks what each stage reads without caching it, and every stage runs
 end to end through `dvc repro` on tiny real-layout fixtures with random-weight checkpoints (scripts/paper_smoke.py)."""
-import json, os, subprocess, sys, time
+import json, shutil, os, subprocess, sys, time
 from pathlib import Path
 import pytest, yaml
 from ovseg.paper import PAPER_DATA, PAPER_WEIGHTS
@@ -87,6 +87,9 @@ def test_paper_smoke_runs_every_stage(tmp_path):
     fixed = [row["stage"] for row in rows if row["ran"] and row["stage"] in PENDING]
     assert not fixed, f"{fixed} run under paper now: remove them from PENDING in tests/test_paper_smoke.py"
     print(f"paper smoke: {time.time() - t0:.0f} s")
+    # the run writes ~20 GB (random-weight ViT-L/14 copies, each run's checkpoints): kept only when it failed (above),
+    # since pytest keeps its last three temporary folders and three of these fill a small disk
+    if not os.environ.get("OVSEG_PAPER_SMOKE_DIR"): shutil.rmtree(work, ignore_errors=True)
 
 
 def test_evaluate_semantic_uses_the_datasets_ignore_value():
