@@ -101,6 +101,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'ovseg.core._StrictLoader.construct_mapping': ('core.html#_strictloader.construct_mapping', 'ovseg/core.py'),
                             'ovseg.core.__getattr__': ('core.html#__getattr__', 'ovseg/core.py'),
                             'ovseg.core._convert': ('core.html#_convert', 'ovseg/core.py'),
+                            'ovseg.core._find_registering_modules': ('core.html#_find_registering_modules', 'ovseg/core.py'),
                             'ovseg.core._registering_modules': ('core.html#_registering_modules', 'ovseg/core.py'),
                             'ovseg.core._type_name': ('core.html#_type_name', 'ovseg/core.py'),
                             'ovseg.core.atomic_write': ('core.html#atomic_write', 'ovseg/core.py'),

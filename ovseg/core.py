@@ -263,7 +263,14 @@ def register_section(name: str, settings: type, ranges: dict | None = None, chec
 _REGISTERS = re.compile(r"^@?register_(section|method|arch|dataset|encoder)\(", re.M)
 _DISCOVERED: set[str] = set()
 
+_MODULES: dict[str, list[str]] = {}   # OVSEG_METHODS value -> the registering modules (the package's sources are read once)
+
 def _registering_modules() -> list[str]:
+    extra = os.environ.get("OVSEG_METHODS", "")
+    if extra not in _MODULES: _MODULES[extra] = _find_registering_modules(extra)
+    return list(_MODULES[extra])
+
+def _find_registering_modules(extra: str) -> list[str]:
     import importlib.util, pkgutil
     import ovseg
     mods = []
@@ -274,7 +281,7 @@ def _registering_modules() -> list[str]:
         if _REGISTERS.search(Path(spec.origin).read_text(encoding="utf-8")): mods.append(f"ovseg.{m.name}")
     from importlib.metadata import entry_points
     mods += [ep.value for ep in entry_points(group="ovseg.methods")]
-    mods += [n.strip() for n in os.environ.get("OVSEG_METHODS", "").split(",") if n.strip()]
+    mods += [n.strip() for n in extra.split(",") if n.strip()]
     return mods
 
 def declared(kind: str) -> dict[str, str]:

@@ -30,8 +30,8 @@ __all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BA
            'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
-def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
-    "The last block with query–key attention replaced by the value path (batch-first `x`)."
+def _check_block(block: nn.Module):
+    "Refuse attention blocks the value path and the training-free rewrites do not handle (one message for both)."
     attn = block.attn
     if not isinstance(attn, nn.MultiheadAttention) and not hasattr(attn, "in_proj_weight"):
         raise NotImplementedError(f"dense CLIP supports open_clip ViT blocks with multi-head attention, "
@@ -39,6 +39,11 @@ def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bo
     if getattr(attn, "head_scale", None) is not None or \
             not isinstance(getattr(attn, "ln_inner", None) or nn.Identity(), nn.Identity):
         raise NotImplementedError("dense CLIP does not support scaled-head / inner-norm attention blocks")
+
+def value_path(block: nn.Module, x: torch.Tensor, residual: bool = True, mlp: bool = True) -> torch.Tensor:
+    "The last block with query–key attention replaced by the value path (batch-first `x`)."
+    _check_block(block)
+    attn = block.attn
     C = x.shape[-1]
     y = block.ln_1(x)
     w_v = attn.in_proj_weight[2 * C:]
@@ -117,15 +122,6 @@ class TrainingFreeConfig:
         self.rcs_weights, self.sfr_weights = tuple(self.rcs_weights), tuple(self.sfr_weights)
 
 # %% ../nbs/13_denseclip.ipynb #tf000004
-def _check_block(block: nn.Module):
-    attn = block.attn
-    if not isinstance(attn, nn.MultiheadAttention) and not hasattr(attn, "in_proj_weight"):
-        raise NotImplementedError(f"dense CLIP supports open_clip ViT blocks with multi-head attention, "
-                                  f"not {type(attn).__name__}")
-    if getattr(attn, "head_scale", None) is not None or \
-            not isinstance(getattr(attn, "ln_inner", None) or nn.Identity(), nn.Identity):
-        raise NotImplementedError("dense CLIP does not support scaled-head / inner-norm attention blocks")
-
 def qkv_heads(block: nn.Module, y: torch.Tensor):
     "Per-head query, key, value `(B, heads, T, d)` of a block's attention on normed tokens `y`, and d^-1/2."
     _check_block(block)
