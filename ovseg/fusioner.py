@@ -83,6 +83,7 @@ class FusionerSettings:
     pairs: list[str] = field(default_factory=list)  # encoder-pair ablation "visual|text" specs
     depths: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 12])  # fusion-depth ablation
     ablation_folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # folds of the ablation tables
+    lr_grid: list[float] = field(default_factory=list)   # real (CamVid): learning rates tried on val; empty: train.lr
     n_mosaics: int = 250            # Mosaic-4 mosaics per fold (each gives four episodes)
 
 def check_fusioner(s: FusionerSettings, where: str = "fusioner"):

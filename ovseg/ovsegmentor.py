@@ -117,6 +117,7 @@ class OVSegmentorSettings:
     images_root: str = ""                   # real: relative image paths resolve here ("" = the list's folder)
     eval_sets: list[str] = field(default_factory=lambda: ["voc21", "pc60", "coco_object", "ade150"])   # real: ovseg.data names
     eval_short_side: int = 448              # real: images resized to this short side before the windows
+    eval_size_grid: list[int] = field(default_factory=list)   # short sides tried on a val split, the best used on test (real_ovsegmentor)
 
 OVSEG_SETTINGS = ("contrast", "mec", "mec_stage2", "cmc", "cmc_random")   # (a) (b) (b + stage 2 without CMC: the control) (c) (d)
 

@@ -166,6 +166,13 @@ def test_episodic_hand_and_errors():
     assert r["FB_IoU"] == pytest.approx(0.5)
     with pytest.raises(TypeError, match="sigmoid"): m.update(torch.rand(2, 2), torch.zeros(2, 2), 0)
     with pytest.raises(ValueError, match="0 \\(background\\)"): m.update(torch.zeros(2, 2).long(), torch.full((2, 2), 3), 0)
+    with pytest.raises(ValueError, match="0 \\(background\\)"): m.update(torch.zeros(2, 2).long(), torch.full((2, 2), -1), 0)
+    with pytest.raises(ValueError, match="binary"): m.update(torch.full((2, 2), 2), torch.zeros(2, 2).long(), 0)
+    # uint8 labels and bool predictions (what CamVid episodes carry) count exactly as int64 ones
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 2, (3, 5, 7), generator=g); t[:, 0] = 255; p = torch.rand(3, 5, 7, generator=g) > .5
+    u8 = EpisodicMetric([0, 1, 2]).update(p, t.to(torch.uint8), [0, 1, 2]); i64 = EpisodicMetric([0, 1, 2]).update(p.long(), t, [0, 1, 2])
+    assert torch.equal(u8.inter, i64.inter) and torch.equal(u8.union, i64.union)
     a, b = EpisodicMetric([0, 1]), EpisodicMetric([0, 1])
     a.update(torch.tensor([[1, 0]]), torch.tensor([[1, 1]]), 0); b.update(torch.tensor([[1, 1]]), torch.tensor([[0, 1]]), 1)
     whole = EpisodicMetric([0, 1]).update(torch.tensor([[[1, 0]], [[1, 1]]]), torch.tensor([[[1, 1]], [[0, 1]]]), [0, 1])
