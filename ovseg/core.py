@@ -16,10 +16,10 @@ import yaml
 
 # %% auto #0
 __all__ = ['GE0', 'GE1', 'POS', 'UNIT', 'BETA', 'RANGES', 'SHARED', 'SECTIONS', 'ConfigError', 'RuntimeConfig', 'PathsConfig',
-           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'Config', 'from_dict', 'check_values',
-           'check_ranges', 'Section', 'register_section', 'declared', 'discover', 'sections', 'profile_class',
-           'read_yaml', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype', 'autocast',
-           'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
+           'EncodersConfig', 'DataConfig', 'ParamGroupConfig', 'TrainConfig', 'Config', 'keep_hints', 'from_dict',
+           'check_values', 'check_ranges', 'Section', 'register_section', 'declared', 'discover', 'sections',
+           'profile_class', 'read_yaml', 'load_config', 'seed_everything', 'seed_worker', 'pick_device', 'pick_dtype',
+           'autocast', 'setup_runtime', 'progress', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/01_core.ipynb #c5550968
 class ConfigError(ValueError):
@@ -181,11 +181,26 @@ def _convert(value, tp, key: str, source: str):
         return value
     raise TypeError(f"unsupported settings type {tp!r} at {key}")
 
+_HINTS: dict[type, dict] = {}   # type hints resolved when a settings class was registered (see `keep_hints`)
+
+def keep_hints(cls):
+    """Resolve the type hints of dataclass `cls` and of the dataclasses it nests now, and keep them: a notebook's
+    classes live in `__main__`, whose namespace is another notebook's by the time a later one loads a profile
+    (nbdev-test runs several in one process), so their string annotations could not be resolved then."""
+    if cls in _HINTS or not dataclasses.is_dataclass(cls): return
+    try: _HINTS[cls] = hints = typing.get_type_hints(cls)
+    except NameError: return                                  # resolved at load time, as before
+    todo = list(hints.values())
+    while todo:
+        t = todo.pop()
+        if dataclasses.is_dataclass(t): keep_hints(t)
+        todo += typing.get_args(t)
+
 def from_dict(cls, data: dict, key: str = "", source: str = "settings"):
     "Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."
     if not isinstance(data, (dict, type(None))):
         raise ConfigError(f"{source}: {key or cls.__name__} must be a mapping of settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _HINTS.get(cls) or typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in (data or {}).items():
@@ -257,6 +272,7 @@ def register_section(name: str, settings: type, ranges: dict | None = None, chec
         import warnings   # as register_arch: a notebook re-running its module's cell is not a clash
         warnings.warn(f"register_section: {name!r} was {old.module}.{old.settings.__qualname__}, now "
                       f"{settings.__module__}.{settings.__qualname__}; profiles read it into the new class")
+    keep_hints(settings)
     SECTIONS[name] = Section(name, settings, settings.__module__, dict(ranges or {}), check)
     _PROFILE[0] = None
     return settings

@@ -24,10 +24,11 @@ from .windows import sliding_window
 
 # %% auto #0
 __all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BACKGROUND', 'PERSON_WORDS', 'TV_WORDS',
-           'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig',
-           'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies',
-           'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries',
-           'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings']
+           'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'VFM_SPECS', 'value_path', 'dense_clip_tokens',
+           'TrainingFreeConfig', 'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor',
+           'repair_anomalies', 'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol',
+           'protocol_queries', 'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options',
+           'TrainingFreeSettings', 'check_training_free', 'clip_weights', 'vfm_weights']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def _check_block(block: nn.Module):
@@ -754,6 +755,7 @@ PREPARE.setdefault("cityscapes", dict(archives=[
             "cityscapes/ and write the *_labelTrainIds.png masks with cityscapesscripts' createTrainIdLabelImgs")]))
 
 # %% ../nbs/13_denseclip.ipynb #tf000108
+from .core import register_section
 # published mIoU (ViT-B/16) from the repositories' READMEs: method -> ({benchmark: mIoU}, source)
 TF_PUBLISHED: dict[str, tuple[dict, str]] = {
     "sclip": (dict(voc21=59.63, pc60=31.74, coco_object=33.52, voc20=81.54, cityscapes=32.34, pc59=34.46,
@@ -786,24 +788,20 @@ def scaled_layer_options(method: str, n_blocks: int) -> dict:
 
 @dataclass
 class TrainingFreeSettings:
-    """The `training_free` stage: `methods` x `benchmarks` with `model` (an open_clip name + `pretrained`, or an
-    open_clip directory such as the embedded CLIP), each method at `TF_PRESETS` (benchmark `world`: the embedded
-    world, whole images, a code-path check), the first `limit` images of each split (0: all)."""
-    methods: list = field(default_factory=lambda: list(TF_METHODS))
-    benchmarks: list = field(default_factory=lambda: list(TF_BENCHMARKS))
+    """The `training_free` section of a profile (params.yaml; stage `training_free`): `methods` x `benchmarks`
+    with `model` (an open_clip name + `pretrained`, or an open_clip directory such as the embedded CLIP), each
+    method at `TF_PRESETS` (benchmark `world`: the embedded world, whole images, a code-path check), the first
+    `limit` images of each split (0: all). Datasets are read under `paths.data`; a local weights file for
+    `open_clip:<model>` in `encoders.weights` takes the place of the `pretrained` tag (docs/weights.md)."""
+    methods: list[str] = field(default_factory=lambda: list(TF_METHODS))
+    benchmarks: list[str] = field(default_factory=lambda: list(TF_BENCHMARKS))
     model: str = "ViT-B-16-quickgelu"       # OpenAI weights need QuickGELU
-    pretrained: str | None = "openai"
-    vfm: str = "vit_base_patch8_224.dino"
-    vfm_checkpoint: str | None = "weights/dino_vitb8.safetensors"
-    data_root: str = "data"
+    pretrained: str | None = "openai"       # an open_clip tag or a weights file; None for an open_clip directory
+    vfm: str = "vit_base_patch8_224.dino"   # ProxyCLIP's vision foundation model (a timm name)
+    vfm_checkpoint: str | None = None       # its local weights (timm layout); None: encoders.weights of its spec (dino-vitb8)
     limit: int = 0
 
-    def __post_init__(self):
-        bad = [m for m in self.methods if m not in TF_METHODS]
-        if bad: raise ValueError(f"training_free.methods: {bad} not in {list(TF_METHODS)}")
-        bad = [b for b in self.benchmarks if b not in TF_BENCHMARKS + ("world",)]
-        if bad: raise ValueError(f"training_free.benchmarks: {bad} not in {list(TF_BENCHMARKS) + ['world']}")
-        if self.limit < 0: raise ValueError(f"training_free.limit must be >= 0, got {self.limit}")
+    def __post_init__(self): check_training_free(self, "training_free")
 
     @classmethod
     def for_profile(cls, profile: str) -> "TrainingFreeSettings":
@@ -812,6 +810,27 @@ class TrainingFreeSettings:
             return cls(benchmarks=["world"], model="outputs/embedded_clip", pretrained=None, vfm="vit_tiny_patch16_224",
                        vfm_checkpoint=None, limit=32)
         return cls()
+
+def check_training_free(s: TrainingFreeSettings, where: str):
+    from ovseg.core import ConfigError
+    if bad := [m for m in s.methods if m not in TF_METHODS]:
+        raise ConfigError(f"{where}.methods = {bad}: not among {list(TF_METHODS)}")
+    if bad := [b for b in s.benchmarks if b not in TF_BENCHMARKS + ("world",)]:
+        raise ConfigError(f"{where}.benchmarks = {bad}: not among {list(TF_BENCHMARKS) + ['world']}")
+    if s.limit < 0: raise ConfigError(f"{where}.limit = {s.limit} must be >= 0 (0: every image)")
+
+def clip_weights(s: TrainingFreeSettings, encoder_weights: dict | None = None) -> str | None:
+    "What to load `s.model` with: the local file `encoders.weights` names for `open_clip:<model>`, else `s.pretrained`."
+    return dict(encoder_weights or {}).get(f"open_clip:{s.model}", s.pretrained)
+
+VFM_SPECS = {"vit_base_patch8_224.dino": "dino-vitb8", "vit_base_patch16_224.dino": "dino-vitb16",
+             "vit_small_patch16_224.dino": "dino-vits16"}   # timm name -> ovseg.encoders spec (encoders.weights key)
+
+def vfm_weights(s: TrainingFreeSettings, encoder_weights: dict | None = None) -> str | None:
+    "ProxyCLIP's VFM weights: `s.vfm_checkpoint`, else the file `encoders.weights` names for the VFM's spec, else None."
+    return s.vfm_checkpoint or dict(encoder_weights or {}).get(VFM_SPECS.get(s.vfm, ""))
+
+register_section("training_free", TrainingFreeSettings, check=check_training_free)
 
 # %% ../nbs/13_denseclip.ipynb #4635ce83
 from .experiment import GalleryView, register_method

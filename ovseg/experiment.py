@@ -56,6 +56,7 @@ class GalleryView:
     protocol: Literal["semantic", "semantic_nobg", "episodes"]   # all names + background | all names, background pixels unscored | the classes present, one episode each
     row: dict | None = None     # the run's line in its stage's results.json (these keys and values), when the run has no eval.json
     runs: dict = field(default_factory=dict)   # profile -> its run folder where that profile's pipeline writes another one
+    rows: dict = field(default_factory=dict)   # profile -> its `row` where that profile's stage writes other rows
 
 @dataclass(frozen=True)
 class MethodInfo:

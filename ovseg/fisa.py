@@ -757,4 +757,6 @@ def real_train_set(settings: FisaSettings, root: str | os.PathLike, data_cfg=Non
 from .experiment import GalleryView, register_method
 
 register_method("fisa", "FISA (SEVE early)", order=40, stages=("fisa",),
-                gallery=GalleryView("fisa/runs/fisa_early_f{fold}_s{seed}", "semantic_nobg", {"key": "early"}))
+                gallery=GalleryView("fisa/runs/fisa_early_f{fold}_s{seed}", "semantic_nobg", {"key": "early"},
+                                    runs={"paper": "fisa/runs/fisa_s{seed}"},            # repro/12_fisa_paper.ipynb
+                                    rows={"paper": {"method": "FISA", "dataset": "voc20", "metric": "mIoU"}}))

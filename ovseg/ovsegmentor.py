@@ -96,6 +96,8 @@ class OVSegmentorSettings:
     stage2: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, batch_size=32, lr=3e-5, min_lr=3e-6,
                                                                     weight_decay=0.05, weight_decay_end=0.05, grad_clip=5.0))  # + CMC (momentum encoder)
     cmc_weight: float = 0.1                 # stage-2 weight of the cross-image mask consistency
+    grad_checkpointing: bool = False        # recompute GroupViT / text-encoder activations in backward (OVSegmentor.set_grad_checkpointing):
+                                            # the same loss and gradients in less memory (the official batch of 256 on one GPU)
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])         # stage 1: random resized crop, area fraction (paper 0.08-1)
     stage2_crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # stage 2 (paper 0.4-1)
     partners: int = 10                      # CMC: partner images per image, sharing an entity (drawn once, seeded)

@@ -19,6 +19,7 @@ PAPER_WEIGHTS = {
     "mocov3-vitb": "weights/vit-b-300ep.pth.tar",
     "bert-base": "weights/bert-base-uncased",
     "timm-features:resnet101d": "weights/resnet101d/model.safetensors",
+    "dino-vitb8": "weights/dino_vitb8.safetensors",     # ProxyCLIP's VFM (training_free.vfm_checkpoint)
 }
 
 # dataset name (ovseg.data.create_dataset) -> what its reader needs under paths.data
@@ -30,6 +31,7 @@ PAPER_DATA = {
     "pc459": "VOCdevkit/VOC2010/trainval", "coco_stuff171": "coco/stuffthingmaps", "coco_object": "coco/stuffthingmaps",
     "coco_panoptic": "coco/annotations/panoptic_train2017.json", "ade150": "ADEChallengeData2016/annotations",
     "ade_panoptic": "ADEChallengeData2016/ade20k_panoptic_val.json", "ade847": "ADE20K_2021_17_01/annotations_detectron2",
+    "cityscapes": "cityscapes/gtFine",
 }
 
 from .data import DatasetNotFoundError

@@ -130,7 +130,7 @@ def write_paper_weights(directory: str | os.PathLike, specs: Sequence[str] | Non
     from safetensors.torch import save_file
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     want = list(specs or ["open_clip:ViT-B-16-quickgelu", "open_clip:ViT-L-14-quickgelu", "dino-vitb16", "bert-base",
-                          "mocov3-vitb", "timm-features:resnet101d"])
+                          "mocov3-vitb", "timm-features:resnet101d", "dino-vitb8"])
     out = {}
     for spec in want:
         if spec.startswith("open_clip:"):
@@ -138,8 +138,9 @@ def write_paper_weights(directory: str | os.PathLike, specs: Sequence[str] | Non
             base = name.removesuffix("-quickgelu")
             p = d / f"{base}.openai" / "open_clip_model.safetensors"
             out[spec] = str(p if p.exists() else _save_clip_file(name, p, seed))
-        elif spec in ("dino-vitb16", "mocov3-vitb") or spec.startswith("timm-features:"):
-            tname = {"dino-vitb16": "vit_base_patch16_224.dino", "mocov3-vitb": "vit_base_patch16_224"}.get(spec) \
+        elif spec in ("dino-vitb16", "dino-vitb8", "mocov3-vitb") or spec.startswith("timm-features:"):
+            tname = {"dino-vitb16": "vit_base_patch16_224.dino", "dino-vitb8": "vit_base_patch8_224.dino",
+                     "mocov3-vitb": "vit_base_patch16_224"}.get(spec) \
                 or spec.split(":", 1)[1]
             suffix = ".pth.tar" if spec == "mocov3-vitb" else ".safetensors"
             p = d / (spec.replace(":", "_") + suffix)
@@ -300,6 +301,13 @@ def write_paper_fixtures(root: str | os.PathLike, n: int = 2, size: tuple[int, i
         _panoptic(ade / f"ade20k_panoptic_{split}.json", ade / f"ade20k_panoptic_{split}", names, ade_cats, tuple(size))
     (full / "ade847_classes.txt").write_text("".join(f"ade847 class {k}\n" for k in range(847)))
     out["ade"], out["ade847"] = str(ade), str(full)
+    # Cityscapes (mmseg layout, trainIds 0..18, 255 ignored): the training-free stage's fifth benchmark
+    for split in ("train", "val"):
+        for k in range(n):
+            city = root / "cityscapes" / "{}" / split / "frankfurt"; stem = f"frankfurt_{k:06d}_000019"
+            fx.image(Path(str(city).format("leftImg8bit")) / f"{stem}_leftImg8bit.png", k)
+            fx.label(Path(str(city).format("gtFine")) / f"{stem}_gtFine_labelTrainIds.png", 11 + k % 8)   # a thing on road (0)
+    out["cityscapes"] = str(root / "cityscapes")
     # a caption list (CC12M-style: image path<TAB>caption), images beside it
     cc = root / "cc12m"
     words = ["dog", "cat", "car", "person", "tree", "bird", "horse", "boat"]

@@ -74,3 +74,23 @@ def test_progress_disable_with_env(monkeypatch):
     monkeypatch.setenv("OVSEG_PROGRESS", "0")
     assert list(progress(range(3), "x", disable=True)) == [0, 1, 2]
     assert list(progress(range(3), "x")) == [0, 1, 2]
+
+
+def test_a_notebook_section_loads_after_its_namespace_is_gone(tmp_path):
+    "nbdev-test runs notebooks in one process: a section a notebook registered from __main__ still loads in the next one."
+    import sys, types
+    from ovseg import core
+    ns = {"__name__": "__main__"}
+    exec("from __future__ import annotations\nfrom dataclasses import dataclass, field\n"
+         "@dataclass\nclass LeakInner:\n    k: int = 1\n"
+         "@dataclass\nclass LeakOuter:\n    inner: LeakInner = field(default_factory=LeakInner)\n", ns)
+    main = types.ModuleType("__main__"); main.__dict__.update(ns)
+    old = sys.modules["__main__"]; sys.modules["__main__"] = main
+    try: core.register_section("leaktest", ns["LeakOuter"])
+    finally: sys.modules["__main__"] = old        # the notebook is gone: LeakInner is not in this process's __main__
+    try:
+        p = tmp_path / "p.yaml"
+        p.write_text("profile: embedded\nprofiles:\n  embedded:\n    leaktest: {inner: {k: 3}}\n")
+        assert core.load_config(p, "embedded").params.leaktest.inner.k == 3
+    finally:
+        core.SECTIONS.pop("leaktest", None); core._PROFILE[0] = None

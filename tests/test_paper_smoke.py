@@ -3,6 +3,7 @@ end to end through `dvc repro` on tiny real-layout fixtures with random-weight c
 import json, shutil, os, subprocess, sys, time
 from pathlib import Path
 import pytest, yaml
+from ovseg.denseclip import TF_BENCHMARKS
 from ovseg.paper import PAPER_DATA, PAPER_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_paper_stages_depend_on_their_datasets_and_weights():
     need = {"fusioner_pascal5i": ["pascal5i"], "fusioner_coco20i": ["coco20i"], "fusioner_mosaic4": ["fss1000"],
             "zsseg": [b["dataset"] for b in PAPER["zsseg"]["benchmarks"].values()],
             "fisa": [PAPER["fisa"]["train_set"], *PAPER["fisa"]["eval_sets"], *PAPER["fisa"]["panoptic_sets"]],
-            "ovsegmentor": PAPER["ovsegmentor"]["eval_sets"]}
+            "ovsegmentor": PAPER["ovsegmentor"]["eval_sets"], "training_free": PAPER["training_free"].get("benchmarks", list(TF_BENCHMARKS))}
     for stage, names in need.items():
         for n in names:
             assert _covered(stage, f"data/{PAPER_DATA[n]}"), f"{stage} reads {n} (data/{PAPER_DATA[n]}) but does not depend on it"
@@ -58,6 +59,7 @@ def test_paper_stages_depend_on_their_datasets_and_weights():
     for spec in ("open_clip:ViT-B-16-quickgelu", "timm-features:resnet101d"):
         assert _covered("zsseg", PAPER_WEIGHTS[spec]) and _covered("fisa", PAPER_WEIGHTS[spec]), spec
     for spec in ("dino-vitb16", "bert-base"): assert _covered("ovsegmentor", PAPER_WEIGHTS[spec]), spec
+    for spec in ("open_clip:ViT-B-16-quickgelu", "dino-vitb8"): assert _covered("training_free", PAPER_WEIGHTS[spec]), spec
     docs = (ROOT / "docs" / "weights.md").read_text()
     for p in PAPER_WEIGHTS.values(): assert f"`{p}" in docs, f"docs/weights.md does not name {p}"
 
