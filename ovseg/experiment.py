@@ -23,7 +23,7 @@ from .train import ARCHS, fit
 __all__ = ['METHODS', 'check_method', 'GalleryView', 'MethodInfo', 'register_method', 'methods', 'evaluate_episodes',
            'mean_over_folds', 'predict_windows', 'evaluate_semantic', 'WithFeatures', 'FeatureEpisodes',
            'compute_features', 'world_cache_dir', 'world_features', 'Task', 'world_episodes', 'world_semantic',
-           'train_config', 'run_dir_name', 'run_one', 'run_grid', 'summarise', 'paper_figure', 'paper_cell',
+           'train_config', 'run_dir_name', 'run_one', 'fork_map', 'run_grid', 'summarise', 'paper_figure', 'paper_cell',
            'fold_table', 'write_results']
 
 # %% ../nbs/08a_experiment.ipynb #838a40b7
@@ -305,10 +305,40 @@ def _grid_run(build_model, task, train, out_dir, method, num_workers, fold, seed
     model, res = run_one(build_model, task, fold, seed, train, Path(out_dir) / "runs" / run_dir_name(method, fold, seed), num_workers)
     return model, {"method": method, "fold": fold, "seed": seed, **res, "seconds": round(time.time() - t0, 2)}
 
-_GRID: tuple = ()   # what forked grid workers run: set just before the pool forks, so nothing is pickled but (fold, seed)
+_FORKED: tuple = ()   # (fn, items) of the running fork_map: set just before the pool forks, so only indices are pickled
 
-def _grid_job(fold_seed: tuple[int, int]) -> dict:
-    return _grid_run(*_GRID, *fold_seed)[1]
+def _forked_call(i: int):
+    fn, items = _FORKED
+    return fn(items[i])
+
+def fork_map(fn: Callable, items: Sequence, processes: int = 1, on_result: Callable | None = None) -> list:
+    """`[fn(x) for x in items]`, with `processes` > 1 that many at a time in forked CPU processes (which share this
+    process's memory, e.g. precomputed features, without copying; `fn` may be a closure). Results (picklable) come
+    back in order; `on_result(r)` sees each as it arrives. Forking needs one torch thread (`runtime.threads: 1`):
+    an OpenMP pool does not survive a fork, and the children would wait on it forever."""
+    global _FORKED
+    items = list(items)
+    if processes <= 1 or len(items) <= 1:
+        out = []
+        for x in items:
+            out.append(fn(x))
+            if on_result is not None: on_result(out[-1])
+        return out
+    import concurrent.futures, multiprocessing
+    if torch.get_num_threads() != 1:
+        raise ValueError(f"fork_map(processes={processes}) runs one torch thread per process, but this process has "
+                         f"{torch.get_num_threads()}: set runtime.threads: 1 (or runtime.processes: 1)")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"fork_map(processes={processes}) needs the 'fork' start method, which this platform lacks: "
+                         "set runtime.processes: 1")
+    _FORKED, out = (fn, items), []
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(processes, len(items)), mp_context=multiprocessing.get_context("fork")) as pool:
+            for r in pool.map(_forked_call, range(len(items))):
+                out.append(r)
+                if on_result is not None: on_result(r)
+    finally: _FORKED = ()
+    return out
 
 def run_grid(build_model: Callable[[int, int], nn.Module], task: Task, folds: Sequence[int], seeds: Sequence[int],
              train: TrainConfig, out_dir, method: str = "model", num_workers: int = 0,
@@ -319,7 +349,6 @@ def run_grid(build_model: Callable[[int, int], nn.Module], task: Task, folds: Se
     `processes` > 1 (`runtime.processes`; CPU, one torch thread: `runtime.threads: 1`): that many runs at once
     in forked processes. Every run seeds itself, so the rows are the same as with 1 and come back in the same
     order; `on_run` then gets None for the model (it is saved in its run folder)."""
-    global _GRID
     jobs = [(fold, seed) for seed in seeds for fold in folds]
     if processes <= 1 or len(jobs) <= 1:
         rows = []
@@ -328,24 +357,11 @@ def run_grid(build_model: Callable[[int, int], nn.Module], task: Task, folds: Se
             rows.append(row)
             if on_run is not None: on_run(model, row)
         return rows
-    import concurrent.futures, multiprocessing
     if str(train.device) != "cpu":
         raise ValueError(f"run_grid(processes={processes}) forks CPU processes, but train.device is {train.device!r}: "
                          "set runtime.processes: 1 on a GPU")
-    if torch.get_num_threads() != 1:   # a forked child waits forever on the parent's OpenMP pool (libgomp is not fork-safe)
-        raise ValueError(f"run_grid(processes={processes}) runs one torch thread per process, but this process has "
-                         f"{torch.get_num_threads()}: set runtime.threads: 1 (or runtime.processes: 1)")
-    if "fork" not in multiprocessing.get_all_start_methods():
-        raise ValueError(f"run_grid(processes={processes}) needs the 'fork' start method, which this platform lacks: "
-                         "set runtime.processes: 1")
-    _GRID, rows = (build_model, task, train, out_dir, method, num_workers), []
-    try:
-        with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
-            for row in pool.map(_grid_job, jobs):
-                rows.append(row)
-                if on_run is not None: on_run(None, row)
-    finally: _GRID = ()
-    return rows
+    return fork_map(lambda job: _grid_run(build_model, task, train, out_dir, method, num_workers, *job)[1], jobs, processes,
+                    on_result=None if on_run is None else (lambda row: on_run(None, row)))
 
 def summarise(rows: list[dict], key: str = "mIoU") -> dict:
     "Per method of tidy `rows`: the mean of `key` over folds for each seed, then its mean and std over seeds, and per-fold means."

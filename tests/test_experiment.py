@@ -246,3 +246,19 @@ def test_write_results_is_strict_json(tmp_path):
     assert res["rows"][0]["variant"] == "A" and res["x"] is None
     assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=no_nan) == {"mIoU_mean": None}
     assert (tmp_path / "table.md").read_text() == "| a |\n"
+
+
+def test_fork_map_runs_closures_in_forked_processes_in_order():
+    import os, torch
+    from ovseg.experiment import fork_map
+    big = torch.arange(10.0)                                 # shared with the children by the fork, not pickled
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = fork_map(lambda i: (float(big[i] * 2), os.getpid()), range(6), processes=2)
+    finally: torch.set_num_threads(threads)
+    assert [g[0] for g in got] == [2.0 * i for i in range(6)]
+    assert os.getpid() not in {g[1] for g in got}             # computed in the children
+    if threads > 1:
+        with pytest.raises(ValueError, match="runtime.threads: 1"): fork_map(lambda i: i, range(3), processes=2)
+    assert fork_map(lambda i: i + 1, [1, 2], processes=1) == [2, 3]
