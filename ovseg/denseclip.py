@@ -800,6 +800,8 @@ class TrainingFreeSettings:
     vfm: str = "vit_base_patch8_224.dino"   # ProxyCLIP's vision foundation model (a timm name)
     vfm_checkpoint: str | None = None       # its local weights (timm layout); None: encoders.weights of its spec (dino-vitb8)
     limit: int = 0
+    templates: list[str] = field(default_factory=list)   # replace every preset's prompt templates (empty: each harness's
+                                                         # own; the paper smoke uses one to keep the text tower cheap)
 
     def __post_init__(self): check_training_free(self, "training_free")
 

@@ -106,7 +106,7 @@ def zsseg(cfg):
         n_val = N["voc_val"] if bench.dataset.startswith("voc") else N["coco_val"]
         runs = len(S.seeds) * len(S.folds)
         total = runs * (bench.max_steps * bench.batch_size * per + n_val * inf)
-        prec = PAPER_PRECISION
+        prec = S.train.precision if S.train.precision != "auto" else PAPER_PRECISION   # fp32: the official code's
         rows.append(dict(stage=f"zsseg ({name})", per_sample_GFLOP=per / 1e9, samples=runs * bench.max_steps * bench.batch_size, precision=prec,
                          how=f"{bench.max_steps} steps x batch {bench.batch_size} at crop {bench.crop}; eval {n_val} images at short side "
                              f"{bench.test_short_side} (proposals + CLIP crops); the learned-prompt step not counted", gpu_hours=hours(total, prec)))
