@@ -100,6 +100,9 @@ def zsseg(cfg):
         train, val, names, unseen = zero_shot_data(bench, cfg.params.paths.data)
         model = ZsSeg(dataclasses.replace(mc, class_names=names, unseen=unseen))
         per = train_flops(model, collate([train[0]]))
+        # inference: no parameter needs a gradient (with them on, torch's module tracker asserts on a query embedding
+        # passed into a decoder layer under no_grad: "Expected gradient function to be set")
+        model.requires_grad_(False)
         img = torch.rand(1, 3, bench.test_short_side, int(bench.test_short_side * 4 / 3))
         with torch.no_grad(): model.predict(img, names)
         inf = flops(lambda: torch.no_grad()(lambda: model.predict(img, names))())
