@@ -24,11 +24,11 @@ from .windows import sliding_window
 
 # %% auto #0
 __all__ = ['TF_METHODS', 'TF_BENCHMARKS', 'BACKGROUND_WORDS', 'PROXYCLIP_COCO_BACKGROUND', 'PERSON_WORDS', 'TV_WORDS',
-           'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'VFM_SPECS', 'value_path', 'dense_clip_tokens',
-           'TrainingFreeConfig', 'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor',
-           'repair_anomalies', 'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol',
-           'protocol_queries', 'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options',
-           'TrainingFreeSettings', 'check_training_free', 'clip_weights', 'vfm_weights']
+           'TF_PRESETS', 'CITYSCAPES19', 'TF_PUBLISHED', 'value_path', 'dense_clip_tokens', 'TrainingFreeConfig',
+           'qkv_heads', 'mix_heads', 'neighbourhood_prior', 'pamr', 'local_outlier_factor', 'repair_anomalies',
+           'semantic_feedback', 'training_free_tokens', 'TimmVFM', 'DenseCLIP', 'TFProtocol', 'protocol_queries',
+           'protocol_labels', 'evaluate_protocol', 'Cityscapes', 'scaled_layer_options', 'TrainingFreeSettings',
+           'check_training_free', 'clip_weights', 'vfm_weights']
 
 # %% ../nbs/13_denseclip.ipynb #331fda60
 def _check_block(block: nn.Module):
@@ -825,12 +825,12 @@ def clip_weights(s: TrainingFreeSettings, encoder_weights: dict | None = None) -
     "What to load `s.model` with: the local file `encoders.weights` names for `open_clip:<model>`, else `s.pretrained`."
     return dict(encoder_weights or {}).get(f"open_clip:{s.model}", s.pretrained)
 
-VFM_SPECS = {"vit_base_patch8_224.dino": "dino-vitb8", "vit_base_patch16_224.dino": "dino-vitb16",
-             "vit_small_patch16_224.dino": "dino-vits16"}   # timm name -> ovseg.encoders spec (encoders.weights key)
-
 def vfm_weights(s: TrainingFreeSettings, encoder_weights: dict | None = None) -> str | None:
-    "ProxyCLIP's VFM weights: `s.vfm_checkpoint`, else the file `encoders.weights` names for the VFM's spec, else None."
-    return s.vfm_checkpoint or dict(encoder_weights or {}).get(VFM_SPECS.get(s.vfm, ""))
+    """ProxyCLIP's VFM weights: `s.vfm_checkpoint`, else the file `encoders.weights` names for the encoder spec whose
+    timm model is `s.vfm` (ovseg.encoders' aliases, e.g. dino-vitb8 for vit_base_patch8_224.dino), else None."""
+    from ovseg.encoders import _TIMM_ALIASES
+    spec = next((a for a, (t, _) in _TIMM_ALIASES.items() if t == s.vfm), None)
+    return s.vfm_checkpoint or dict(encoder_weights or {}).get(spec)
 
 register_section("training_free", TrainingFreeSettings, check=check_training_free)
 

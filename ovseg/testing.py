@@ -127,6 +127,7 @@ def write_paper_weights(directory: str | os.PathLike, specs: Sequence[str] | Non
     {spec: path}, the shape of `encoders.weights` in params.yaml. They stand in for the downloads in tests:
     the loading code is the real one, only the numbers are random."""
     import timm
+    from ovseg.encoders import _TIMM_ALIASES
     from safetensors.torch import save_file
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     want = list(specs or ["open_clip:ViT-B-16-quickgelu", "open_clip:ViT-L-14-quickgelu", "dino-vitb16", "bert-base",
@@ -139,8 +140,7 @@ def write_paper_weights(directory: str | os.PathLike, specs: Sequence[str] | Non
             p = d / f"{base}.openai" / "open_clip_model.safetensors"
             out[spec] = str(p if p.exists() else _save_clip_file(name, p, seed))
         elif spec in ("dino-vitb16", "dino-vitb8", "mocov3-vitb") or spec.startswith("timm-features:"):
-            tname = {"dino-vitb16": "vit_base_patch16_224.dino", "dino-vitb8": "vit_base_patch8_224.dino",
-                     "mocov3-vitb": "vit_base_patch16_224"}.get(spec) \
+            tname = {**{a: t for a, (t, _) in _TIMM_ALIASES.items()}, "mocov3-vitb": "vit_base_patch16_224"}.get(spec) \
                 or spec.split(":", 1)[1]
             suffix = ".pth.tar" if spec == "mocov3-vitb" else ".safetensors"
             p = d / (spec.replace(":", "_") + suffix)
@@ -304,9 +304,9 @@ def write_paper_fixtures(root: str | os.PathLike, n: int = 2, size: tuple[int, i
     # Cityscapes (mmseg layout, trainIds 0..18, 255 ignored): the training-free stage's fifth benchmark
     for split in ("train", "val"):
         for k in range(n):
-            city = root / "cityscapes" / "{}" / split / "frankfurt"; stem = f"frankfurt_{k:06d}_000019"
-            fx.image(Path(str(city).format("leftImg8bit")) / f"{stem}_leftImg8bit.png", k)
-            fx.label(Path(str(city).format("gtFine")) / f"{stem}_gtFine_labelTrainIds.png", 11 + k % 8)   # a thing on road (0)
+            stem = f"{split}/frankfurt/frankfurt_{k:06d}_000019"
+            fx.image(root / "cityscapes" / "leftImg8bit" / f"{stem}_leftImg8bit.png", k)
+            fx.label(root / "cityscapes" / "gtFine" / f"{stem}_gtFine_labelTrainIds.png", 11 + k % 8)   # a thing on road (0)
     out["cityscapes"] = str(root / "cityscapes")
     # a caption list (CC12M-style: image path<TAB>caption), images beside it
     cc = root / "cc12m"
